@@ -1,0 +1,7 @@
+"""The torch boundary: public functional ops, backend choice, and the references."""
+from .attention import attention
+from .backends import BackendError, explain, report
+from .cross_entropy import cross_entropy, linear_cross_entropy
+
+__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "explain", "report",
+           "BackendError"]

@@ -1,0 +1,268 @@
+"""Plain-PyTorch references for every gptfast op.
+
+These are the `backend="torch"` implementations (the CPU path, and the path for any option a
+kernel backend does not support) and the semantics every kernel is tested against. They are
+written for clarity, not speed, with two exceptions that matter for memory:
+
+* `linear_cross_entropy_*` never materialize the full (N, V) logits: they walk the tokens in
+  chunks and recompute each chunk's logits in backward, so the extra memory is O(chunk x V).
+* Everything accumulates in fp32 (fp64 stays fp64) whatever the input dtype.
+
+Masks, with offset = Sk - Sq (bottom-right alignment, what a KV cache needs):
+
+    causal:  key j visible to query i  iff  j <= i + offset
+    window W:                          and  j >  i + offset - W
+    key_padding_mask[b, j] False:      key j invisible for every query of batch b
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# attention
+# --------------------------------------------------------------------------------------------
+
+
+def attention_visibility(Sq: int, Sk: int, *, causal: bool, window: Optional[int],
+                         key_padding_mask: Optional[Tensor], device) -> Optional[Tensor]:
+    """Bool mask, True where query i may see key j: (Sq, Sk), or (B, 1, Sq, Sk) with padding."""
+    visible = None
+    if causal or window is not None:
+        i = torch.arange(Sq, device=device).unsqueeze(1)  # (Sq, 1)
+        j = torch.arange(Sk, device=device).unsqueeze(0)  # (1, Sk)
+        diag = i + (Sk - Sq)
+        visible = j <= diag
+        if window is not None:
+            visible = visible & (j > diag - window)
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+        visible = pad if visible is None else (visible & pad)
+    return visible
+
+
+def alibi_bias(slopes: Tensor, Sq: int, Sk: int, dtype: torch.dtype) -> Tensor:
+    """(Hq, Sq, Sk) bias  -slope_h * |i + Sk - Sq - j|  (BLOOM's ALiBi, bottom-right aligned)."""
+    i = torch.arange(Sq, device=slopes.device).unsqueeze(1)
+    j = torch.arange(Sk, device=slopes.device).unsqueeze(0)
+    dist = (i + (Sk - Sq) - j).abs().to(dtype)  # (Sq, Sk)
+    return -slopes.to(dtype)[:, None, None] * dist
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+              softmax_scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
+              window: Optional[int] = None, key_padding_mask: Optional[Tensor] = None,
+              dropout_p: float = 0.0, dropout_mask: Optional[Tensor] = None):
+    """Reference attention. Returns (out, lse); differentiable through both.
+
+    q (B, Hq, Sq, d), k/v (B, Hkv, Sk, d). `dropout_mask` (B, Hq, Sq, Sk) bool (True = keep)
+    replaces the random mask, so tests can reproduce a kernel's dropout exactly.
+    lse (B, Hq, Sq) fp32 (fp64 for fp64 input); -inf for a row that sees no key.
+    """
+    B, Hq, Sq, d = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if Hkv != Hq:  # grouped-query: head h reads kv head h // (Hq // Hkv)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(alibi_slopes, Sq, Sk, acc)
+    visible = attention_visibility(Sq, Sk, causal=causal, window=window,
+                                   key_padding_mask=key_padding_mask, device=q.device)
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+        # A row with no visible key: give softmax finite inputs (no NaN, also in backward),
+        # then zero it out.
+        empty = ~visible.any(dim=-1, keepdim=True)  # (..., Sq, 1)
+        scores = scores.masked_fill(empty, 0.0)
+        p = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+        lse = torch.logsumexp(scores, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
+    else:
+        p = torch.softmax(scores, dim=-1)
+        lse = torch.logsumexp(scores, dim=-1)
+    lse = lse.expand(B, Hq, Sq)
+
+    if dropout_p > 0.0 or dropout_mask is not None:
+        keep = dropout_mask if dropout_mask is not None else torch.rand_like(p) >= dropout_p
+        p = p * keep / (1.0 - dropout_p)
+    out = torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, Hq, Sq, d)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy over given logits
+# --------------------------------------------------------------------------------------------
+
+
+def _row_losses(x: Tensor, targets: Tensor, *, ignore_index: int, label_smoothing: float,
+                z_loss: float, softcap: Optional[float]):
+    """Per-row loss and lse of fp32/fp64 logits x (n, V). Ignored rows give 0; targets out of
+    [0, V) give NaN (the GPU contract: no device-side assert, no host sync)."""
+    V = x.shape[-1]
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    lse = torch.logsumexp(x, dim=-1)  # (n,)
+    valid = targets != ignore_index
+    in_range = (targets >= 0) & (targets < V)
+    safe_t = torch.where(in_range, targets, torch.zeros_like(targets))
+    x_y = x.gather(-1, safe_t.unsqueeze(-1)).squeeze(-1)
+    loss = lse - x_y
+    if label_smoothing > 0.0:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss > 0.0:
+        loss = loss + z_loss * lse * lse
+    loss = torch.where(in_range, loss, torch.full_like(loss, float("nan")))
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, lse
+
+
+def reduce_rows(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """mean | sum | none, the way F.cross_entropy reduces (mean over non-ignored rows; an
+    all-ignored batch gives 0 for sum and NaN for mean)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    n_valid = (targets != ignore_index).sum()
+    return loss_rows.sum() / n_valid
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  softcap: Optional[float] = None):
+    """Reference cross-entropy on (N, V) logits: (loss_rows, lse), both fp32, differentiable."""
+    x = logits.to(_acc_dtype(logits.dtype))
+    return _row_losses(x, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       z_loss=z_loss, softcap=softcap)
+
+
+# --------------------------------------------------------------------------------------------
+# linear cross-entropy: chunks of tokens, logits never materialized whole
+# --------------------------------------------------------------------------------------------
+
+# Logit elements per chunk: 2**22 fp32 values = 16 MiB (a little more with the gradient).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(N: int, V: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, min(N, chunk_elements // max(V, 1)))
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    acc = _acc_dtype(h.dtype)
+    x = h.to(acc) @ weight.to(acc).t()  # (n, V)
+    if bias is not None:
+        x = x + bias.to(acc)
+    return x
+
+
+def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, targets: Tensor,
+                                 bias: Optional[Tensor], *, ignore_index: int,
+                                 label_smoothing: float, z_loss: float, softcap: Optional[float],
+                                 chunk_elements: int = CHUNK_ELEMENTS):
+    """(loss_rows, lse) of hidden @ weight.T (+ bias), chunk by chunk. Both fp32 (fp64 in)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    loss_rows = hidden.new_empty(N, dtype=acc)
+    lse = hidden.new_empty(N, dtype=acc)
+    step = chunk_rows(N, V, chunk_elements)
+    for s in range(0, N, step):
+        x = _chunk_logits(hidden[s:s + step], weight, bias)
+        loss_rows[s:s + step], lse[s:s + step] = _row_losses(
+            x, targets[s:s + step], ignore_index=ignore_index, label_smoothing=label_smoothing,
+            z_loss=z_loss, softcap=softcap)
+    return loss_rows, lse
+
+
+def _chunk_dlogits(x: Tensor, t: Tensor, lse: Tensor, g_rows: Optional[Tensor],
+                   g_lse: Optional[Tensor], *, ignore_index: int, label_smoothing: float,
+                   z_loss: float, softcap: Optional[float]) -> Tensor:
+    """d(loss)/d(raw logits) for one chunk, written out by hand (no autograd graph kept)."""
+    V = x.shape[-1]
+    if softcap is not None:
+        th = torch.tanh(x / softcap)
+        x = softcap * th
+    p = torch.exp(x - lse.unsqueeze(-1))  # softmax, (n, V)
+    valid = (t != ignore_index).unsqueeze(-1)
+    g = torch.zeros_like(p)
+    if g_rows is not None:
+        # Ignored rows carry no gradient, even when the upstream one is inf/NaN (mean of an
+        # all-ignored batch divides by zero).
+        gr = torch.where(valid, g_rows.to(x.dtype).unsqueeze(-1), 0.0)
+        coef_p = 1.0 + 2.0 * z_loss * lse.unsqueeze(-1)  # softmax part of nll, smoothing, z
+        g = p * coef_p
+        in_range = (t >= 0) & (t < V)
+        onehot = torch.zeros_like(p)
+        onehot.scatter_(-1, torch.where(in_range, t, torch.zeros_like(t)).unsqueeze(-1),
+                        in_range.to(x.dtype).unsqueeze(-1))
+        g = g - (1.0 - label_smoothing) * onehot - label_smoothing / V
+        g = g * gr
+    if g_lse is not None:
+        g = g + g_lse.to(x.dtype).unsqueeze(-1) * p
+    if softcap is not None:
+        g = g * (1.0 - th * th)
+    return g
+
+
+def linear_cross_entropy_backward(grad_rows: Optional[Tensor], grad_lse: Optional[Tensor],
+                                  hidden: Tensor, weight: Tensor, targets: Tensor,
+                                  bias: Optional[Tensor], lse: Tensor, *, ignore_index: int,
+                                  label_smoothing: float, z_loss: float,
+                                  softcap: Optional[float],
+                                  chunk_elements: int = CHUNK_ELEMENTS):
+    """(dhidden, dweight, dbias) recomputing each chunk's logits; accumulates dweight in fp32."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = _acc_dtype(hidden.dtype)
+    dhidden = torch.empty_like(hidden)
+    dweight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    dbias = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
+    w = weight.to(acc)
+    step = chunk_rows(N, V, chunk_elements)
+    for s in range(0, N, step):
+        e = s + step
+        h = hidden[s:e].to(acc)
+        x = _chunk_logits(hidden[s:e], weight, bias)
+        g = _chunk_dlogits(x, targets[s:e], lse[s:e],
+                           None if grad_rows is None else grad_rows[s:e],
+                           None if grad_lse is None else grad_lse[s:e],
+                           ignore_index=ignore_index, label_smoothing=label_smoothing,
+                           z_loss=z_loss, softcap=softcap)
+        dhidden[s:e] = (g @ w).to(hidden.dtype)
+        dweight += g.t() @ h
+        if dbias is not None:
+            dbias += g.sum(0)
+    return (dhidden, dweight.to(weight.dtype),
+            None if dbias is None else dbias.to(bias.dtype))
+
+
+def linear_cross_entropy_forward_with_grad(hidden: Tensor, weight: Tensor, targets: Tensor,
+                                           bias: Optional[Tensor], *, ignore_index: int,
+                                           label_smoothing: float, z_loss: float,
+                                           softcap: Optional[float], reduction: str,
+                                           chunk_elements: int = CHUNK_ELEMENTS):
+    """The budgeted schedule: loss_rows, lse and the gradients for a unit upstream gradient of
+    the reduced loss ("sum": 1 per row, "mean": 1 / n_valid per row), in one pass."""
+    loss_rows, lse = linear_cross_entropy_forward(
+        hidden, weight, targets, bias, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        chunk_elements=chunk_elements)
+    unit = torch.ones_like(loss_rows)
+    if reduction == "mean":
+        unit = unit / (targets != ignore_index).sum()
+    grads = linear_cross_entropy_backward(
+        unit, None, hidden, weight, targets, bias, lse, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        chunk_elements=chunk_elements)
+    return loss_rows, lse, grads

@@ -1,0 +1,507 @@
+"""Training loop: AdamW + warmup/cosine LR, clipping, accumulation, bf16 autocast on GPU,
+periodic validation, scheduled sampling, atomic checkpoints with bit-for-bit resume.
+
+    cfg = TrainConfig(preset="tiny", steps=200, out_dir="runs/tiny")
+    summary = train(cfg)            # prints a progress bar and a summary, returns a dict
+
+Outputs in ``cfg.out_dir``: ``ckpt.pt`` (see gptfast.checkpoint), ``log.json`` (history + configs +
+summary) and ``loss.png`` (the loss curves).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import BatchSampler, ByteTokenizer, fixed_batches, get_tokenizer, load_corpus, unigram_baseline
+
+__all__ = [
+    "TrainConfig",
+    "train",
+    "get_lr",
+    "resolve_device",
+    "build_optimizer",
+    "flops_per_token",
+    "peak_flops",
+    "load_model",
+    "PEAK_BF16_FLOPS",
+]
+
+CKPT_NAME = "ckpt.pt"
+
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str = "tiny"
+    block_size: Optional[int] = None  # None: the preset's context length
+    dropout: Optional[float] = None  # None: the preset's dropout
+    model_overrides: Dict[str, Any] = field(default_factory=dict)  # any other GPTConfig field
+    # data
+    data: Optional[str] = None  # None: the embedded stdlib corpus; else a text file or folder
+    max_bytes: Optional[int] = None  # cap on the text read (None: everything)
+    val_fraction: float = 0.05
+    # optimization
+    steps: int = 200  # total optimizer steps (a resumed run continues up to this many)
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: Optional[float] = None  # None: lr / 10
+    warmup: int = 20
+    decay_steps: Optional[int] = None  # cosine length; None: steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    scheduled_sampling: float = 0.0  # per-position replacement probability; 0 = teacher forcing
+    # evaluation / logging / checkpoints
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8
+    log_every: int = 10  # how often the history records the mean train loss
+    save_every: Optional[int] = None  # None: at every evaluation and at the end
+    out_dir: str = "runs/default"
+    resume: Union[bool, str, None] = None  # True / "": out_dir/ckpt.pt; a str: that checkpoint
+    plot: bool = True
+    progress: bool = True  # tqdm bar
+    verbose: bool = True  # print the header and the summary
+    # system
+    device: str = "auto"  # auto: cuda if available, else cpu
+    dtype: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or "fp32" / "bf16"
+    compile: bool = False
+    seed: int = 1337
+
+    def validate(self) -> None:
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+        for name in ("steps", "batch_size", "grad_accum", "eval_batches", "log_every"):
+            positive(name)
+        if self.block_size is not None:
+            positive("block_size")
+        for name in ("warmup", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if not 0.0 <= self.scheduled_sampling <= 1.0:
+            raise ValueError(f"scheduled_sampling must be in [0, 1], got {self.scheduled_sampling!r}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+
+
+# --------------------------------------------------------------------------------------
+# pieces
+# --------------------------------------------------------------------------------------
+def get_lr(step: int, *, lr: float, min_lr: float, warmup: int, decay_steps: int) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup from lr/warmup to lr over ``warmup``
+    steps, then cosine decay to ``min_lr`` at ``decay_steps``, then constant ``min_lr``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step >= decay_steps:
+        return min_lr
+    ratio = (step - warmup) / max(1, decay_steps - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"invalid device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights only (model.param_groups); fused on CUDA."""
+    from .model import param_groups
+
+    groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+# peak dense bf16 tensor-core FLOP/s by GPU name (substring match, first hit wins)
+PEAK_BF16_FLOPS = [
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),  # fp16 (no bf16)
+    ("T4", 65e12),  # fp16 (no bf16)
+]
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    for key, value in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return value
+    return None
+
+
+def flops_per_token(n_params: int, n_layer: int, n_embd: int, block_size: int) -> float:
+    """Training FLOPs per token: 6N (forward + backward matmuls) + 12·L·d·T (attention)."""
+    return 6.0 * n_params + 12.0 * n_layer * n_embd * block_size
+
+
+def _peak_memory(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+    except Exception:  # noqa: BLE001
+        return None, "unknown"
+
+
+def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
+    """Rebuild the model stored in a checkpoint -> (model in eval mode, tokenizer, checkpoint dict)."""
+    from .model import GPT, GPTConfig
+
+    ckpt = load_checkpoint(path)
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+        model = GPT(config)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        from .checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path}: checkpoint does not hold a loadable gptfast model ({type(e).__name__}: {e})") from e
+    tok = get_tokenizer(ckpt.get("tokenizer", "byte"))
+    return model.to(device).eval(), tok, ckpt
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def plot_history(history: List[dict], path: Path, baseline: Optional[float] = None, title: str = "") -> None:
+    """Train/val loss vs step to a PNG (Agg canvas; never touches pyplot's global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    tr = [(h["step"], h["train_loss"]) for h in history if h.get("train_loss") is not None]
+    va = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    if tr:
+        ax.plot(*zip(*tr), label="train", lw=1.2)
+    if va:
+        ax.plot(*zip(*va), "o-", label="val", lw=1.5, ms=4)
+    if baseline is not None:
+        ax.axhline(baseline, ls="--", color="gray", lw=1, label=f"unigram baseline ({baseline:.2f})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(model, batches, device, autocast) -> float:
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.float()
+    model.train(was_training)
+    return float(total) / len(batches)
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train (or resume) per ``cfg``; returns the summary dict (also stored in log.json)."""
+    from .model import GPT, GPTConfig, get_config, scheduled_sampling_inputs
+
+    cfg.validate()
+    say = print if cfg.verbose else (lambda *a, **k: None)
+    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    ckpt_path = out_dir / CKPT_NAME
+
+    resume_state = None
+    if cfg.resume not in (None, False):
+        rpath = ckpt_path if cfg.resume in (True, "") else Path(cfg.resume)
+        resume_state = load_checkpoint(rpath)  # FileNotFoundError / CheckpointError for bad paths
+        ckpt_path_in = rpath
+    # model config: the checkpoint's when resuming, else preset + overrides
+    if resume_state is not None:
+        model_cfg = GPTConfig(**resume_state["model_config"])
+        tok = get_tokenizer(resume_state.get("tokenizer", "byte"))
+    else:
+        overrides = dict(cfg.model_overrides)
+        if cfg.block_size is not None:
+            overrides["block_size"] = cfg.block_size
+        if cfg.dropout is not None:
+            overrides["dropout"] = cfg.dropout
+        model_cfg = get_config(cfg.preset, **overrides)
+        tok = ByteTokenizer()
+    if model_cfg.vocab_size < tok.vocab_size:
+        raise ValueError(
+            f"preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} < the byte tokenizer's {tok.vocab_size}"
+        )
+    T = model_cfg.block_size
+
+    corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, val_fraction=cfg.val_fraction, tokenizer=tok)
+    baseline = unigram_baseline(corpus.train, corpus.val, tok.vocab_size) if len(corpus.val) else None
+
+    # ---- build everything in a fixed order (the RNG draws of init are part of the run) ----
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg, device)
+    sampler = BatchSampler(corpus.train, cfg.batch_size, T, seed=cfg.seed, device=device)
+    val_batches = fixed_batches(corpus.val, cfg.batch_size, T, cfg.eval_batches, seed=cfg.seed + 1)
+    ss_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    history: List[dict] = []
+    start_step = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        sampler.load_state_dict(resume_state["sampler"])
+        rng = resume_state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if rng.get("scheduled_sampling") is not None:
+            ss_gen.set_state(rng["scheduled_sampling"])
+        history = list(resume_state.get("history", []))
+        start_step = int(resume_state["step"])
+
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        autocast = contextlib.nullcontext
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.reset_peak_memory_stats(device)
+    run_model = torch.compile(model) if cfg.compile else model
+
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    decay_steps = cfg.decay_steps if cfg.decay_steps is not None else cfg.steps
+    n_params = model.num_params()
+    fpt = flops_per_token(model.num_params(exclude_positions=True), model_cfg.n_layer, model_cfg.n_embd, T)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * T
+    save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
+
+    say(
+        f"gptfast train: preset={cfg.preset} ({n_params / 1e6:.2f}M params, L={model_cfg.n_layer} "
+        f"d={model_cfg.n_embd} T={T}) device={device}{' bf16' if use_bf16 else ''}"
+        f"{' compiled' if cfg.compile else ''}"
+    )
+    say(f"data: {corpus.describe()}")
+    if baseline is not None:
+        say(f"unigram baseline (val): {baseline:.4f} nats/token")
+    if resume_state is not None:
+        say(f"resumed from {ckpt_path_in} at step {start_step}")
+
+    def snapshot(step_done: int) -> dict:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step_done,
+            "model_config": dataclasses.asdict(model_cfg),
+            "train_config": dataclasses.asdict(cfg),
+            "tokenizer": tok.kind,
+            "sampler": sampler.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "scheduled_sampling": ss_gen.get_state(),
+            },
+            "history": history,
+            "unigram_baseline": baseline,
+        }
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start_step,
+        disable=not cfg.progress,
+        desc="train",
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+    loss_sum = torch.zeros((), device=device)
+    n_in_window = 0
+    last_train = None
+    last_val = None
+    train_time = 0.0
+    tokens_done = 0
+    t_window = time.perf_counter()
+    tok_window = 0
+    step = start_step
+    try:
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            lr = get_lr(step, lr=cfg.lr, min_lr=min_lr, warmup=cfg.warmup, decay_steps=decay_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            for _ in range(cfg.grad_accum):
+                x, y = sampler.next()
+                if cfg.scheduled_sampling > 0:
+                    x = scheduled_sampling_inputs(model, x, cfg.scheduled_sampling, generator=ss_gen)
+                with autocast():
+                    _, loss = run_model(x, y)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().float() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            n_in_window += 1
+            done = step + 1
+            is_last = done == cfg.steps
+            if n_in_window >= cfg.log_every or is_last:
+                last_train = float(loss_sum) / n_in_window  # one sync per log window
+                loss_sum.zero_()
+                n_in_window = 0
+            train_time += time.perf_counter() - t0
+            tokens_done += tokens_per_step
+            tok_window += tokens_per_step
+            bar.update(1)
+            record = {"step": done, "lr": lr, "train_loss": None, "val_loss": None}
+            if done % cfg.log_every == 0 or is_last:
+                record["train_loss"] = last_train
+                now = time.perf_counter()
+                tps = tok_window / max(now - t_window, 1e-9)
+                t_window, tok_window = now, 0
+                post = {"loss": f"{last_train:.4f}", "tok/s": f"{tps:,.0f}"}
+                if last_val is not None:
+                    post["val"] = f"{last_val:.4f}"
+                bar.set_postfix(post, refresh=False)
+            if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
+                last_val = evaluate(run_model, val_batches, device, autocast)
+                record["val_loss"] = last_val
+                bar.set_postfix({"loss": f"{last_train:.4f}" if last_train is not None else "-",
+                                 "val": f"{last_val:.4f}"}, refresh=False)
+            if record["train_loss"] is not None or record["val_loss"] is not None:
+                history.append(record)
+            if is_last or (save_every and done % save_every == 0):
+                save_checkpoint(ckpt_path, snapshot(done))
+    finally:
+        bar.close()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    final_val = last_val
+    if final_val is None and start_step >= cfg.steps:  # nothing left to train: just evaluate
+        final_val = evaluate(run_model, val_batches, device, autocast)
+    tps = tokens_done / train_time if train_time > 0 else None
+    mfu = (fpt * tps / peak) if (peak and tps) else None
+    mem, mem_kind = _peak_memory(device)
+    summary = {
+        "steps": cfg.steps,
+        "start_step": start_step,
+        "params": n_params,
+        "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
+        "bf16": use_bf16,
+        "tokens": tokens_done,
+        "train_time_s": train_time,
+        "tokens_per_s": tps,
+        "flops_per_token": fpt,
+        "mfu": mfu,
+        "peak_memory_bytes": mem,
+        "peak_memory_kind": mem_kind,
+        "train_loss": last_train,
+        "val_loss": final_val,
+        "unigram_baseline": baseline,
+        "checkpoint": str(ckpt_path),
+        "out_dir": str(out_dir),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(
+        out_dir / "log.json",
+        {
+            "history": history,
+            "summary": summary,
+            "train_config": dataclasses.asdict(cfg),
+            "model_config": dataclasses.asdict(model_cfg),
+        },
+    )
+    if cfg.plot and history:
+        plot_history(history, out_dir / "loss.png", baseline, title=f"gptfast {cfg.preset}")
+    if cfg.verbose:
+        say(format_summary(summary))
+    return summary
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    def f(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [
+        "---- summary ----",
+        f"steps          {s['start_step']} -> {s['steps']}  ({s['tokens']:,} tokens in {s['train_time_s']:.1f} s)",
+        f"throughput     {f(s['tokens_per_s'], ',.0f')} tokens/s",
+        f"MFU            {'n/a (CPU or unknown GPU)' if s['mfu'] is None else format(100 * s['mfu'], '.1f') + '%'}",
+        f"peak memory    {_fmt_bytes(s['peak_memory_bytes'])} ({s['peak_memory_kind']})",
+        f"train loss     {f(s['train_loss'], '.4f')}",
+        f"val loss       {f(s['val_loss'], '.4f')}",
+        f"unigram base   {f(s['unigram_baseline'], '.4f')}",
+        f"checkpoint     {s['checkpoint']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,18 @@
+"""Install gptfast; the top-level `kernels/` folder becomes `gptfast.kernels`.
+
+PyPI already has an unrelated package called `kernels`, so the Triton kernels are never
+installed under that name: `package_dir` maps them inside the gptfast namespace.
+"""
+from setuptools import setup
+
+setup(
+    name="gptfast",
+    version="0.1.0",
+    description="Fused causal attention and fused linear cross-entropy kernels for GPT models",
+    python_requires=">=3.9",
+    packages=["gptfast", "gptfast.ops", "gptfast.kernels"],
+    package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
+    install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
+)

@@ -1,0 +1,385 @@
+"""Tests of the Triton attention kernels (`gptfast.kernels.attention`) against a float64 oracle.
+
+Tolerance (FlashAttention's rule): the kernel's max error against the float64 reference must
+be <= 2x (outputs, lse) or 3x (gradients) the max error of PyTorch's own same-dtype eager
+attention against that reference, plus a tiny atol. NaN never passes. Outputs are poisoned
+with NaN before every launch, so an element a kernel forgets to write fails.
+
+Without a GPU the kernels run under TRITON_INTERPRET=1 (fp32 and fp16 only: the interpreter's
+tl.dot is wrong for bf16) on small shapes; the GPU-marked tests cover bf16, every head dim
+and long sequences.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before triton is imported anywhere.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from gptfast.kernels import attention as A  # noqa: E402
+
+from _attention_ref import attention_ref  # noqa: E402
+
+HAS_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_GPU else "cpu"
+gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+pytestmark = pytest.mark.kernel
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+GRAD_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(A, "POISON_OUTPUTS", True)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _assert_rule(name, got, ref, eager, mult, atol):
+    """max|got - ref| <= mult * max|eager - ref| + atol, NaN never passes."""
+    assert got.shape == ref.shape, (name, got.shape, ref.shape)
+    assert not torch.isnan(got).any(), f"{name}: NaN in kernel result"
+    got, ref, eager = got.double(), ref.double(), eager.double()
+    # -inf entries (lse of rows without visible key) must coincide exactly.
+    inf = torch.isinf(ref)
+    if inf.any():
+        assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], ref[inf]), f"{name}: inf mismatch"
+        got, ref, eager = got[~inf], ref[~inf], eager[~inf]
+    if ref.numel() == 0:
+        return
+    err = (got - ref).abs().max().item()
+    eager_err = (eager - ref).abs().max().item()
+    bound = mult * eager_err + atol
+    assert err <= bound, f"{name}: max err {err:.3e} > {bound:.3e} (eager err {eager_err:.3e})"
+
+
+def _padding_mask(B, Sk, kind, device):
+    """(B, Sk) bool, True = real key. kinds: right padding, left padding, one batch row empty."""
+    m = torch.ones(B, Sk, dtype=torch.bool, device=device)
+    lengths = [Sk - 1 - (b * 37) % max(Sk - 1, 1) for b in range(B)]
+    for b, n in enumerate(lengths):
+        if kind == "right":
+            m[b, n:] = False
+        elif kind == "left":
+            m[b, : Sk - n] = False
+        elif kind == "empty":
+            if b == 0:
+                m[b] = False
+            else:
+                m[b, n:] = False
+    return m
+
+
+def run_case(*, B=1, Hq=2, Hkv=None, Sq=64, Sk=64, d=32, dtype=torch.float32, causal=False,
+             alibi=False, window=None, padding=None, dropout_p=0.0, dlse=False,
+             deterministic=False, backward=True, fused_qkv=False, do_kind="randn",
+             device=DEVICE, seed=0):
+    """Run forward (+ backward) through the kernels and check them against the oracle."""
+    Hkv = Hq if Hkv is None else Hkv
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    if fused_qkv:
+        # q, k, v as transposed slices of one (B, S, Hq + 2*Hkv, d) buffer: nothing contiguous.
+        assert Sq == Sk
+        buf = randn(B, Sq, Hq + 2 * Hkv, d)
+        q = buf[:, :, :Hq].transpose(1, 2)
+        k = buf[:, :, Hq:Hq + Hkv].transpose(1, 2)
+        v = buf[:, :, Hq + Hkv:].transpose(1, 2)
+        assert not q.is_contiguous() and not k.is_contiguous()
+    else:
+        q, k, v = randn(B, Hq, Sq, d), randn(B, Hkv, Sk, d), randn(B, Hkv, Sk, d)
+    scale = d ** -0.5
+    slopes = (torch.rand(Hq, generator=gen) * 0.5 + 0.05).to(device) if alibi else None
+    kpm = _padding_mask(B, Sk, padding, device) if padding else None
+    seed_t = keep = None
+    if dropout_p > 0:
+        seed_t = torch.tensor([1234 + seed], dtype=torch.int64, device=device)
+        keep = A.attention_dropout_keep_mask(seed_t, B, Hq, Sq, Sk, dropout_p, device)
+    opts = dict(causal=causal, softmax_scale=scale, alibi_slopes=slopes, window=window,
+                key_padding_mask=kpm, dropout_p=dropout_p)
+
+    out, lse = A.attention_forward(q, k, v, **opts, seed=seed_t)
+    assert out.dtype == dtype and out.shape == (B, Hq, Sq, d) and out.is_contiguous()
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    leaves_eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_o, ref_l = attention_ref(*leaves64, **opts, keep=keep, dtype=torch.float64)
+    eag_o, eag_l = attention_ref(*leaves_eager, **opts, keep=keep, dtype=dtype)
+    _assert_rule("out", out, ref_o, eag_o, 2, ATOL[dtype])
+    _assert_rule("lse", lse, ref_l, eag_l.float(), 2, ATOL[dtype])
+    if not backward:
+        return out, lse, None
+
+    if do_kind == "ones":  # what out.sum().backward() produces: an expanded scalar, stride 0
+        do = torch.ones((), dtype=dtype, device=device).expand(B, Hq, Sq, d)
+    else:
+        do = randn(B, Hq, Sq, d)
+    dlse_t = torch.randn(B, Hq, Sq, generator=gen).to(device) if dlse else None
+    grads = A.attention_backward(do, q, k, v, out, lse, **opts, seed=seed_t, dlse=dlse_t,
+                                 deterministic=deterministic)
+
+    def _grads(o, lse_, leaves, dt):
+        outs, gouts = [o], [do.to(dt)]
+        if dlse:
+            outs.append(lse_)
+            gouts.append(dlse_t.to(dt))
+        return torch.autograd.grad(outs, leaves, gouts)
+
+    ref_g = _grads(ref_o, ref_l, leaves64, torch.float64)
+    eag_g = _grads(eag_o, eag_l, leaves_eager, dtype)
+    for name, g, t, r, e in zip(("dq", "dk", "dv"), grads, (q, k, v), ref_g, eag_g):
+        assert g.shape == t.shape and g.dtype == t.dtype, (name, g.shape, g.dtype)
+        _assert_rule(name, g, r, e, 3, GRAD_ATOL[dtype])
+    return out, lse, grads
+
+
+# --------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU: fp32 / fp16
+# --------------------------------------------------------------------------------------------
+
+SHAPES = [(113, 203), (128, 217), (1, 239), (200, 67), (64, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
+def test_shapes(shape, causal, dtype):
+    Sq, Sk = shape
+    i = SHAPES.index(shape)
+    # Vary head dim, batch and an odd head count across shapes to keep the run short.
+    run_case(B=1 + i % 2, Hq=3 if i % 2 == 0 else 2, Sq=Sq, Sk=Sk, d=(32, 64)[i % 2],
+             dtype=dtype, causal=causal)
+
+
+@pytest.mark.parametrize("d,dtype", [(96, torch.float32), (96, torch.float16),
+                                     (128, torch.float32), (128, torch.float16),
+                                     (256, torch.float16)])
+def test_head_dims(d, dtype):
+    # 256: forward and backward (backward with the small d=256 blocks).
+    run_case(Hq=1, Sq=70, Sk=90, d=d, dtype=dtype, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("hkv", [2, 1], ids=["gqa4:2", "mqa4:1"])
+def test_gqa(hkv, dtype):
+    run_case(B=2, Hq=4, Hkv=hkv, Sq=97, Sk=130, d=32, dtype=dtype, causal=True)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("padding", ["right", "left", "empty"])
+def test_key_padding(padding, causal):
+    out, lse, grads = run_case(B=3, Hq=2, Sq=90, Sk=120, d=32, causal=causal, padding=padding)
+    if padding == "empty":  # batch row 0 sees no key at all: zeros, -inf, zero grads
+        assert torch.equal(out[0], torch.zeros_like(out[0]))
+        assert torch.isinf(lse[0]).all() and (lse[0] < 0).all()
+        assert torch.equal(grads[0][0], torch.zeros_like(grads[0][0]))
+        assert torch.equal(grads[1][0], torch.zeros_like(grads[1][0]))
+
+
+def test_padding_fp16_gqa():
+    run_case(B=2, Hq=4, Hkv=2, Sq=64, Sk=100, d=64, dtype=torch.float16, causal=True, padding="left")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_alibi(causal):
+    run_case(Hq=3, Sq=100, Sk=150, d=32, causal=causal, alibi=True)
+
+
+@pytest.mark.parametrize("window,shape", [(1, (64, 64)), (17, (113, 203)), (40, (200, 67)),
+                                          (64, (128, 217))])
+def test_window(window, shape):
+    run_case(Hq=2, Sq=shape[0], Sk=shape[1], d=32, causal=True, window=window)
+
+
+def test_window_alibi_padding_gqa_fp16():
+    run_case(B=2, Hq=4, Hkv=2, Sq=96, Sk=96, d=64, dtype=torch.float16, causal=True, window=33,
+             alibi=True, padding="right")
+
+
+def test_causal_more_queries_than_keys_dead_rows():
+    # Sq > Sk with bottom-right alignment: the first Sq - Sk queries see nothing.
+    out, lse, grads = run_case(Hq=2, Sq=80, Sk=30, d=32, causal=True)
+    assert torch.equal(out[:, :, :50], torch.zeros_like(out[:, :, :50]))
+    assert torch.isinf(lse[:, :, :50]).all()
+    assert torch.equal(grads[0][:, :, :50], torch.zeros_like(grads[0][:, :, :50]))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dlse(causal):
+    run_case(Hq=2, Sq=77, Sk=120, d=32, causal=causal, dlse=True, padding="empty", B=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_qkv_strides(dtype):
+    run_case(B=2, Hq=4, Hkv=2, Sq=75, Sk=75, d=32, dtype=dtype, causal=True, fused_qkv=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_stride0_grad_output(deterministic):
+    run_case(Hq=2, Sq=60, Sk=90, d=32, causal=True, do_kind="ones", deterministic=deterministic)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_deterministic(dtype):
+    kw = dict(B=2, Hq=4, Hkv=2, Sq=113, Sk=150, d=32, dtype=dtype, causal=True, padding="left",
+              deterministic=True)
+    _, _, g1 = run_case(**kw)
+    _, _, g2 = run_case(**kw)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_deterministic_window_alibi():
+    run_case(Hq=2, Sq=100, Sk=100, d=32, causal=True, window=30, alibi=True, deterministic=True)
+
+
+def test_dropout_mask_statistics():
+    p = 0.3
+    seed = torch.tensor([42], dtype=torch.int64, device=DEVICE)
+    m = A.attention_dropout_keep_mask(seed, 2, 3, 100, 130, p, DEVICE)
+    assert m.dtype == torch.bool and m.shape == (2, 3, 100, 130)
+    n = m.numel()
+    frac = m.float().mean().item()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(frac - (1 - p)) < 6 * sigma, frac
+    # Same seed: same mask; another seed: a different one; heads/rows are not copies.
+    assert torch.equal(m, A.attention_dropout_keep_mask(seed, 2, 3, 100, 130, p, DEVICE))
+    other = A.attention_dropout_keep_mask(seed + 1, 2, 3, 100, 130, p, DEVICE)
+    assert (m != other).float().mean().item() > 0.3
+    assert not torch.equal(m[0, 0], m[0, 1]) and not torch.equal(m[0, 0], m[1, 0])
+    assert not torch.equal(m[0, 0, 0], m[0, 0, 1])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_matches_reference(dtype, deterministic):
+    run_case(B=2, Hq=4, Hkv=2, Sq=113, Sk=150, d=32, dtype=dtype, causal=True, dropout_p=0.25,
+             deterministic=deterministic)
+
+
+def test_dropout_window_alibi_padding():
+    run_case(B=2, Hq=2, Sq=64, Sk=90, d=32, causal=True, window=40, alibi=True,
+             padding="right", dropout_p=0.4, dlse=True)
+
+
+def test_dropout_changes_output_and_is_reproducible():
+    q = torch.randn(1, 2, 40, 32, device=DEVICE)
+    k = torch.randn(1, 2, 40, 32, device=DEVICE)
+    v = torch.randn(1, 2, 40, 32, device=DEVICE)
+    s = torch.tensor([7], dtype=torch.int64, device=DEVICE)
+    o0, l0 = A.attention_forward(q, k, v, causal=True, softmax_scale=0.2)
+    o1, l1 = A.attention_forward(q, k, v, causal=True, softmax_scale=0.2, dropout_p=0.5, seed=s)
+    o2, _ = A.attention_forward(q, k, v, causal=True, softmax_scale=0.2, dropout_p=0.5, seed=s)
+    assert torch.equal(o1, o2) and not torch.allclose(o0, o1)
+    torch.testing.assert_close(l0, l1)  # lse is that of the undropped probabilities
+
+
+def test_launch_counter():
+    before_f, before_b = A.LAUNCHES["attention_fwd"], A.LAUNCHES["attention_bwd"]
+    run_case(Hq=1, Sq=16, Sk=16, d=32)
+    assert A.LAUNCHES["attention_fwd"] == before_f + 1
+    assert A.LAUNCHES["attention_bwd"] == before_b + 1
+
+
+def test_empty_key_sequence():
+    q = torch.randn(1, 2, 5, 32, device=DEVICE)
+    k = torch.randn(1, 2, 0, 32, device=DEVICE)
+    out, lse = A.attention_forward(q, k, k, causal=False, softmax_scale=0.2)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+
+
+@pytest.mark.parametrize("cap", [(9, 0), (8, 0), (8, 9), (7, 5)])
+def test_committed_configs_are_kept(cap):
+    for kind in ("fwd", "bwd_kv", "bwd_q"):
+        dims = A.HEAD_DIMS_FWD if kind == "fwd" else A.HEAD_DIMS_BWD
+        for d in dims:
+            for dtype in A.DTYPES:
+                cfg = A.committed_config(kind, d, dtype, cap)
+                elt = torch.empty((), dtype=dtype).element_size()
+                assert A.keep(cfg, kind, d, elt, cap), (kind, d, dtype, cap, cfg)
+    # d=256 with 128x128 tiles and 3 stages cannot fit shared memory: filtered out.
+    assert not A.keep(A.Config(128, 128, 8, 3), "fwd", 256, 2, cap)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU only: bf16, all head dims, long sequences
+# --------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", sorted(set(A.HEAD_DIMS_FWD)))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("shape", [(1023, 1024), (1024, 1023), (113, 203)])
+def test_gpu_head_dims_shapes(shape, causal, d, dtype):
+    run_case(B=2, Hq=3, Sq=shape[0], Sk=shape[1], d=d, dtype=dtype, causal=causal,
+             backward=d in A.HEAD_DIMS_BWD)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_long(d, dtype):
+    run_case(B=1, Hq=2, Sq=4096, Sk=4096, d=d, dtype=dtype, causal=True)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("hkv", [2, 1], ids=["gqa8:2", "mqa8:1"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_gpu_gqa(hkv, dtype, deterministic):
+    run_case(B=2, Hq=8, Hkv=hkv, Sq=1000, Sk=1000, d=128, dtype=dtype, causal=True,
+             deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("padding", ["right", "left", "empty"])
+def test_gpu_padding(padding, dtype):
+    run_case(B=3, Hq=4, Hkv=2, Sq=700, Sk=1023, d=64, dtype=dtype, causal=True, padding=padding,
+             alibi=True)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", GPU_DTYPES + [torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gpu_deterministic(dtype):
+    kw = dict(B=2, Hq=8, Hkv=2, Sq=1024, Sk=1024, d=128, dtype=dtype, causal=True,
+              padding="left", deterministic=True)
+    _, _, g1 = run_case(**kw)
+    _, _, g2 = run_case(**kw)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@gpu_only
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["bf16", "fp16"])
+def test_gpu_dropout_window_fused(dtype):
+    run_case(B=2, Hq=4, Hkv=2, Sq=1024, Sk=1024, d=64, dtype=dtype, causal=True, window=256,
+             dropout_p=0.1, fused_qkv=True, dlse=True)
+
+
+@pytest.mark.gpu
+@gpu_only
+def test_gpu_dropout_statistics():
+    seed = torch.tensor([3], dtype=torch.int64, device="cuda")
+    m = A.attention_dropout_keep_mask(seed, 2, 4, 1024, 1024, 0.1, "cuda")
+    assert abs(m.float().mean().item() - 0.9) < 1e-3

@@ -1,0 +1,448 @@
+"""Tests for gptfast.kernels.cross_entropy against a float64 autograd oracle.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set below, before triton is
+imported): shapes stay small, and bf16 is tested only on the GPU (the interpreter's bf16
+tl.dot is wrong). Every output the launchers allocate is poisoned with NaN first, so an
+element a kernel forgets to write fails the comparison.
+"""
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+import gptfast.kernels.cross_entropy as ce  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _ce_ref import ce_reference, ce_rows_reference, linear_ce_reference  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+IGNORE = -100
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ce, "POISON_OUTPUTS", True)
+
+
+def _opts(ignore_index=IGNORE, label_smoothing=0.0, z_loss=0.0, softcap=None):
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+                softcap=softcap)
+
+
+def _targets(n, v, gen, ignore_frac=0.0):
+    t = torch.randint(0, v, (n,), generator=gen)
+    if ignore_frac > 0:
+        t[torch.rand(n, generator=gen) < ignore_frac] = IGNORE
+        t[0] = IGNORE  # the first row and a row tile boundary are the likeliest to break
+    return t.to(DEVICE)
+
+
+def _randn(shape, gen, dtype, scale=1.0):
+    # Fresh random values (never zeros), rounded to the test dtype before the oracle sees them.
+    return (torch.randn(shape, generator=gen) * scale).to(DEVICE, dtype)
+
+
+def _close(actual, expected, tol):
+    torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), atol=tol, rtol=tol)
+
+
+# Tolerances: fp32 kernels accumulate in fp32; 16-bit inputs also round the gradient tile to
+# 16 bits before the gradient GEMMs (lean backward), so they get looser bounds.
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+OPTION_SETS = {
+    "plain": _opts(),
+    "ignore_smooth": _opts(label_smoothing=0.1),
+    "zloss_softcap": _opts(z_loss=1e-3, softcap=4.0),
+    "everything": _opts(label_smoothing=0.2, z_loss=1e-2, softcap=6.0),
+}
+
+
+# ---------------------------------------------------------------------------- oracle check
+def test_reference_matches_torch_cross_entropy():
+    """The oracle agrees with F.cross_entropy where the two overlap (no kernels run)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 50, generator=gen, dtype=torch.float64) * 2
+    t = torch.randint(0, 50, (33,), generator=gen)
+    t[::5] = IGNORE
+    loss, _ = ce_rows_reference(x, t, **_opts(label_smoothing=0.3))
+    want = F.cross_entropy(x, t, ignore_index=IGNORE, label_smoothing=0.3, reduction="none")
+    torch.testing.assert_close(loss, want)
+
+
+# ------------------------------------------------------------------- cross_entropy (logits)
+CE_CASES = [
+    (torch.float32, 257, "plain", 0.0, False),
+    (torch.float32, 1000, "ignore_smooth", 0.3, True),
+    (torch.float32, 257, "everything", 0.2, True),
+    (torch.float16, 1000, "zloss_softcap", 0.0, True),
+    (torch.float16, 257, "everything", 0.2, False),
+]
+
+
+@pytest.mark.parametrize("dtype,V,name,ignore_frac,with_glse", CE_CASES)
+def test_ce_forward_backward(dtype, V, name, ignore_frac, with_glse):
+    gen = torch.Generator().manual_seed(V)
+    N = 67
+    opts = OPTION_SETS[name]
+    x = _randn((N, V), gen, dtype, scale=3.0)
+    t = _targets(N, V, gen, ignore_frac)
+    g = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    g_lse = (torch.rand(N, generator=gen).to(DEVICE) - 0.5) if with_glse else None
+
+    before = dict(ce.LAUNCHES)
+    loss, lse = ce.cross_entropy_forward(x, t, **opts)
+    dx = ce.cross_entropy_backward(g, g_lse, x, t, lse, **opts)
+    assert ce.LAUNCHES["ce_fwd"] == before.get("ce_fwd", 0) + 1
+    assert ce.LAUNCHES["ce_bwd"] == before.get("ce_bwd", 0) + 1
+    assert loss.dtype == lse.dtype == torch.float32 and loss.shape == lse.shape == (N,)
+    assert dx.dtype == dtype and dx.shape == (N, V)
+
+    want_loss, want_lse, want_dx = ce_reference(x, t, grad_rows=g, grad_lse=g_lse, **opts)
+    _close(loss, want_loss, 2e-5)  # fp32 math on exactly the stored inputs
+    _close(lse, want_lse, 2e-5)
+    _close(dx, want_dx, 2e-6 if dtype == torch.float32 else 1e-3)
+    ignored = (t == IGNORE).cpu()
+    assert (loss.cpu()[ignored] == 0).all() and (lse.cpu()[ignored] == 0).all()
+    assert (dx.cpu()[ignored] == 0).all()
+
+
+def test_ce_noncontiguous_rows_stride0_grad_and_inplace():
+    """Logits rows with a padded stride, an expanded (stride-0) grad_rows, inplace backward."""
+    gen = torch.Generator().manual_seed(1)
+    N, V = 45, 257
+    opts = _opts(label_smoothing=0.05, softcap=3.0)
+    base = _randn((N, V + 19), gen, torch.float32, scale=2.0)
+    x = base[:, 3:3 + V]
+    assert not x.is_contiguous() and x.stride(1) == 1
+    t = _targets(N, V, gen, 0.2)
+    g = torch.tensor(0.37, device=DEVICE).expand(N)
+    assert g.stride(0) == 0
+
+    want_loss, want_lse, want_dx = ce_reference(x, t, grad_rows=g, **opts)
+    loss, lse = ce.cross_entropy_forward(x, t, **opts)
+    _close(loss, want_loss, 2e-5)
+    _close(lse, want_lse, 2e-5)
+
+    dx = ce.cross_entropy_backward(g, None, x, t, lse, **opts)
+    assert dx.is_contiguous()
+    _close(dx, want_dx, 2e-6)
+
+    pad_before = base[:, :3].clone()
+    pad_after = base[:, 3 + V:].clone()
+    dx_inplace = ce.cross_entropy_backward(g, None, x, t, lse, inplace=True, **opts)
+    assert dx_inplace.data_ptr() == x.data_ptr()
+    _close(base[:, 3:3 + V], want_dx, 2e-6)
+    # The padding around the rows is untouched.
+    assert torch.equal(base[:, :3], pad_before) and torch.equal(base[:, 3 + V:], pad_after)
+
+
+def test_ce_all_ignored():
+    gen = torch.Generator().manual_seed(2)
+    N, V = 20, 300
+    x = _randn((N, V), gen, torch.float16)
+    t = torch.full((N,), IGNORE, device=DEVICE)
+    opts = _opts(z_loss=1e-2, label_smoothing=0.1)
+    loss, lse = ce.cross_entropy_forward(x, t, **opts)
+    assert (loss == 0).all() and (lse == 0).all()
+    dx = ce.cross_entropy_backward(torch.ones(N, device=DEVICE), torch.ones(N, device=DEVICE),
+                                   x, t, lse, **opts)
+    assert (dx == 0).all()
+
+
+def test_ce_out_of_range_target_gives_nan_row():
+    gen = torch.Generator().manual_seed(3)
+    N, V = 24, 257
+    x = _randn((N, V), gen, torch.float32)
+    t = _targets(N, V, gen)
+    t[5], t[11], t[17] = V, -7, 10**12  # past the end, negative (not ignore_index), huge
+    t[2] = IGNORE
+    opts = _opts(label_smoothing=0.1)
+    loss, lse = ce.cross_entropy_forward(x, t, **opts)
+    bad = torch.zeros(N, dtype=torch.bool)
+    bad[[5, 11, 17]] = True
+    assert loss.cpu()[bad].isnan().all()
+    assert loss.cpu()[~bad].isfinite().all() and lse.isfinite().all()
+    good = ~bad
+    want_loss, want_lse, want_dx = ce_reference(x[good.to(DEVICE)], t[good.to(DEVICE)], **opts)
+    _close(loss.cpu()[good], want_loss, 2e-5)
+    dx = ce.cross_entropy_backward(torch.ones(N, device=DEVICE), None, x, t, lse, **opts)
+    assert dx.cpu()[bad].isnan().all()
+    _close(dx.cpu()[good], want_dx, 2e-6)
+
+
+# ------------------------------------------------------- linear cross-entropy, lean schedule
+LCE_CASES = [
+    # dtype, N, V, D, bias, options, ignore_frac, grad_lse
+    (torch.float32, 77, 257, 40, True, "plain", 0.0, False),
+    (torch.float32, 70, 1000, 32, False, "ignore_smooth", 0.3, True),
+    (torch.float32, 90, 257, 64, True, "everything", 0.25, True),
+    (torch.float16, 70, 1000, 48, True, "zloss_softcap", 0.1, False),
+    (torch.float16, 66, 257, 32, False, "everything", 0.0, True),
+]
+
+
+@pytest.mark.parametrize("dtype,N,V,D,with_bias,name,ignore_frac,with_glse", LCE_CASES)
+def test_linear_ce_lean(dtype, N, V, D, with_bias, name, ignore_frac, with_glse):
+    gen = torch.Generator().manual_seed(N * V + D)
+    opts = OPTION_SETS[name]
+    h = _randn((N, D), gen, dtype)
+    w = _randn((V, D), gen, dtype, scale=2.0 / math.sqrt(D))
+    b = _randn((V,), gen, dtype, scale=0.5) if with_bias else None
+    t = _targets(N, V, gen, ignore_frac)
+    g = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    g_lse = (torch.rand(N, generator=gen).to(DEVICE) - 0.5) if with_glse else None
+
+    before = dict(ce.LAUNCHES)
+    loss, lse, grads = ce.linear_cross_entropy_forward(h, w, t, b, reduction="none", **opts)
+    assert grads is None
+    dh, dw, db = ce.linear_cross_entropy_backward(g, g_lse, h, w, t, b, lse, **opts)
+    assert ce.LAUNCHES["lce_fwd"] == before.get("lce_fwd", 0) + 1
+    assert ce.LAUNCHES["lce_bwd"] == before.get("lce_bwd", 0) + 1
+    assert dh.dtype == dw.dtype == dtype and dh.shape == (N, D) and dw.shape == (V, D)
+    assert (db is None) == (b is None)
+
+    want = linear_ce_reference(h, w, t, b, grad_rows=g, grad_lse=g_lse, **opts)
+    tol = TOL[dtype]
+    _close(loss, want[0], tol)
+    _close(lse, want[1], tol)
+    _close(dh, want[2], tol)
+    _close(dw, want[3], tol)
+    if b is not None:
+        _close(db, want[4], tol)
+    ignored = (t == IGNORE).cpu()
+    assert (loss.cpu()[ignored] == 0).all() and (lse.cpu()[ignored] == 0).all()
+    assert (dh.cpu()[ignored] == 0).all()
+
+
+def test_linear_ce_lean_default_budget_and_strided_inputs():
+    """memory_budget at or under the lean limit keeps the lean schedule; strided hidden/weight."""
+    gen = torch.Generator().manual_seed(5)
+    N, V, D = 50, 257, 32
+    h = _randn((N, 2 * D), gen, torch.float32)[:, ::2]      # column stride 2
+    w = _randn((D, V), gen, torch.float32, scale=0.3).t()   # transposed view
+    t = _targets(N, V, gen, 0.1)
+    opts = _opts(softcap=5.0)
+    for budget in (None, ce.LEAN_MAX_BUDGET):
+        loss, lse, grads = ce.linear_cross_entropy_forward(h, w, t, None, reduction="sum",
+                                                           memory_budget=budget, **opts)
+        assert grads is None
+    dh, dw, db = ce.linear_cross_entropy_backward(torch.ones(N, device=DEVICE), None, h, w, t,
+                                                  None, lse, **opts)
+    want = linear_ce_reference(h, w, t, None, **opts)
+    _close(loss, want[0], 2e-5)
+    _close(dh, want[2], 2e-5)
+    _close(dw, want[3], 2e-5)
+    assert db is None
+
+
+def test_linear_ce_lean_all_ignored():
+    gen = torch.Generator().manual_seed(6)
+    N, V, D = 40, 257, 32
+    h = _randn((N, D), gen, torch.float16)
+    w = _randn((V, D), gen, torch.float16)
+    b = _randn((V,), gen, torch.float16)
+    t = torch.full((N,), IGNORE, device=DEVICE)
+    opts = _opts(z_loss=1e-3)
+    loss, lse, _ = ce.linear_cross_entropy_forward(h, w, t, b, reduction="mean", **opts)
+    assert (loss == 0).all() and (lse == 0).all()
+    dh, dw, db = ce.linear_cross_entropy_backward(torch.ones(N, device=DEVICE), None, h, w, t, b,
+                                                  lse, **opts)
+    assert (dh == 0).all() and (dw == 0).all() and (db == 0).all()
+
+
+def test_linear_ce_out_of_range_target_gives_nan_row():
+    gen = torch.Generator().manual_seed(7)
+    N, V, D = 40, 257, 32
+    h = _randn((N, D), gen, torch.float32)
+    w = _randn((V, D), gen, torch.float32, scale=0.3)
+    t = _targets(N, V, gen)
+    t[3], t[30] = V + 5, -1
+    opts = _opts()
+    loss, lse, _ = ce.linear_cross_entropy_forward(h, w, t, None, reduction="none", **opts)
+    bad = torch.zeros(N, dtype=torch.bool)
+    bad[[3, 30]] = True
+    assert loss.cpu()[bad].isnan().all() and lse.isfinite().all()
+    good = (~bad).to(DEVICE)
+    want = linear_ce_reference(h[good], w, t[good], None, **opts)
+    _close(loss[good], want[0], 2e-5)
+    # The backward reads nothing out of bounds; the bad rows poison (NaN) their gradients.
+    dh, _, _ = ce.linear_cross_entropy_backward(torch.ones(N, device=DEVICE), None, h, w, t,
+                                                None, lse, **opts)
+    assert dh.cpu()[bad].isnan().all()
+
+
+# --------------------------------------------------- linear cross-entropy, budgeted schedule
+BUDGET_CASES = [
+    # dtype, N, V, D, bias, options, ignore_frac, reduction, chunks
+    (torch.float32, 77, 257, 40, True, "everything", 0.2, "mean", 3),
+    (torch.float32, 64, 1000, 32, False, "plain", 0.0, "sum", 1),
+    (torch.float16, 70, 1000, 48, True, "ignore_smooth", 0.3, "sum", 4),
+    (torch.float16, 50, 257, 32, False, "zloss_softcap", 0.1, "mean", 2),
+]
+
+
+@pytest.mark.parametrize("dtype,N,V,D,with_bias,name,ignore_frac,reduction,chunks",
+                         BUDGET_CASES)
+def test_linear_ce_budgeted(monkeypatch, dtype, N, V, D, with_bias, name, ignore_frac,
+                            reduction, chunks):
+    gen = torch.Generator().manual_seed(N + V + D)
+    opts = OPTION_SETS[name]
+    h = _randn((N, D), gen, dtype)
+    w = _randn((V, D), gen, dtype, scale=2.0 / math.sqrt(D))
+    b = _randn((V,), gen, dtype, scale=0.5) if with_bias else None
+    t = _targets(N, V, gen, ignore_frac)
+    # Shrink the lean limit so that a test-sized budget selects the chunked schedule with
+    # the requested number of token chunks.
+    monkeypatch.setattr(ce, "LEAN_MAX_BUDGET", 0)
+    bytes_per_row = V * (4 + (0 if dtype == torch.float32 else 2))
+    budget = bytes_per_row * math.ceil(N / chunks)
+
+    before = dict(ce.LAUNCHES)
+    loss, lse, grads = ce.linear_cross_entropy_forward(h, w, t, b, reduction=reduction,
+                                                       memory_budget=budget, **opts)
+    assert ce.LAUNCHES["lce_fwd"] == before.get("lce_fwd", 0) + 1
+    assert ce.LAUNCHES["lce_bwd"] == before.get("lce_bwd", 0)
+    dh, dw, db = grads
+    assert dh.dtype == dw.dtype == dtype and (db is None) == (b is None)
+
+    n_valid = int((t != IGNORE).sum())
+    scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
+    g = torch.full((N,), scale, dtype=torch.float64)
+    want = linear_ce_reference(h, w, t, b, grad_rows=g, **opts)
+    tol = TOL[dtype]
+    _close(loss, want[0], tol)
+    _close(lse, want[1], tol)
+    _close(dh, want[2], tol * scale)
+    _close(dw, want[3], tol * scale * 4)  # sums over all rows
+    if b is not None:
+        _close(db, want[4], tol * scale * 4)
+
+    # reduction "none" never returns forward gradients, whatever the budget.
+    _, _, none_grads = ce.linear_cross_entropy_forward(h, w, t, b, reduction="none",
+                                                       memory_budget=budget, **opts)
+    assert none_grads is None
+
+
+def test_linear_ce_budgeted_all_ignored_mean(monkeypatch):
+    gen = torch.Generator().manual_seed(8)
+    N, V, D = 30, 257, 32
+    h = _randn((N, D), gen, torch.float32)
+    w = _randn((V, D), gen, torch.float32)
+    b = _randn((V,), gen, torch.float32)
+    t = torch.full((N,), IGNORE, device=DEVICE)
+    monkeypatch.setattr(ce, "LEAN_MAX_BUDGET", 0)
+    loss, lse, (dh, dw, db) = ce.linear_cross_entropy_forward(
+        h, w, t, b, reduction="mean", memory_budget=V * 4 * 16, **_opts(label_smoothing=0.1))
+    assert (loss == 0).all() and (lse == 0).all()
+    assert (dh == 0).all() and (dw == 0).all() and (db == 0).all()
+
+
+# -------------------------------------------------------------------------------- GPU only
+@pytest.mark.parametrize("V", [50257, 128256])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_ce_bf16_large_vocab(V):
+    gen = torch.Generator().manual_seed(V)
+    N = 96
+    opts = _opts(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    x = _randn((N, V), gen, torch.bfloat16, scale=4.0)
+    t = _targets(N, V, gen, 0.1)
+    g = torch.rand(N, generator=gen).to(DEVICE)
+    g_lse = torch.rand(N, generator=gen).to(DEVICE)
+    loss, lse = ce.cross_entropy_forward(x, t, **opts)
+    want_loss, want_lse, want_dx = ce_reference(x, t, grad_rows=g, grad_lse=g_lse, **opts)
+    _close(loss, want_loss, 1e-4)
+    _close(lse, want_lse, 1e-4)
+    dx = ce.cross_entropy_backward(g, g_lse, x, t, lse, inplace=True, **opts)
+    # bf16 storage of the gradient: relative 2^-8
+    _close(dx, want_dx, 8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("V", [50257, 128256])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_linear_ce_large_vocab(V, dtype):
+    gen = torch.Generator().manual_seed(V + 1)
+    N, D = 300, 256
+    opts = _opts(label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+    h = _randn((N, D), gen, dtype)
+    w = _randn((V, D), gen, dtype, scale=2.0 / math.sqrt(D))
+    b = _randn((V,), gen, dtype, scale=0.5)
+    t = _targets(N, V, gen, 0.2)
+    g = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    tol = TOL[dtype]
+
+    loss, lse, _ = ce.linear_cross_entropy_forward(h, w, t, b, reduction="none", **opts)
+    dh, dw, db = ce.linear_cross_entropy_backward(g, None, h, w, t, b, lse, **opts)
+    want = linear_ce_reference(h, w, t, b, grad_rows=g, **opts)
+    _close(loss, want[0], tol)
+    _close(lse, want[1], tol)
+    _close(dh, want[2], tol)
+    _close(dw, want[3], tol)
+    _close(db, want[4], tol)
+
+    loss, lse, (dh, dw, db) = ce.linear_cross_entropy_forward(
+        h, w, t, b, reduction="mean", memory_budget=256 << 20, **opts)
+    scale = 1.0 / int((t != IGNORE).sum())
+    want = linear_ce_reference(h, w, t, b, grad_rows=torch.full((N,), scale,
+                                                               dtype=torch.float64), **opts)
+    _close(loss, want[0], tol)
+    _close(dh, want[2], tol * scale)
+    _close(dw, want[3], tol * scale)
+    _close(db, want[4], tol * scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_ce_more_than_2_31_logits():
+    """N*V > 2**31 elements (~4.3 GB of bf16): rows past the 32-bit offset limit are right."""
+    N, V = 8500, 256000
+    assert N * V > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    x = torch.randn((N, V), generator=gen, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, V, (N,), generator=gen, device="cuda")
+    t[-3] = V - 1  # the very last element of the buffer
+    opts = _opts(label_smoothing=0.1)
+    loss, lse = ce.cross_entropy_forward(x, t, **opts)
+    check = torch.cat([torch.arange(0, 8), torch.arange(N - 24, N)]).cuda()
+    want_loss, want_lse, want_dx = ce_reference(x[check], t[check], **opts)
+    _close(loss[check], want_loss, 1e-4)
+    _close(lse[check], want_lse, 1e-4)
+    ce.cross_entropy_backward(torch.ones(N, device="cuda"), None, x, t, lse, inplace=True, **opts)
+    _close(x[check], want_dx, 8e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gpu_linear_ce_more_than_2_31_weight_elements():
+    """V*D > 2**31: weight rows past the 32-bit offset limit feed loss and dweight correctly."""
+    N, V, D = 32, 262144, 8200
+    assert V * D > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(10)
+    h = torch.randn((N, D), generator=gen, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn((V, D), generator=gen, device="cuda", dtype=torch.bfloat16) / math.sqrt(D)
+    t = torch.randint(V - 1000, V, (N,), generator=gen, device="cuda")  # targets near the end
+    opts = _opts()
+    loss, lse, _ = ce.linear_cross_entropy_forward(h, w, t, None, reduction="none", **opts)
+    dh, dw, _ = ce.linear_cross_entropy_backward(torch.ones(N, device="cuda"), None, h, w, t,
+                                                 None, lse, **opts)
+    x = (h.double() @ w.double().T)
+    want_loss, want_lse, want_dx = ce_reference(x, t, **opts)
+    _close(loss, want_loss, 3e-2)
+    _close(lse, want_lse, 3e-2)
+    tail = slice(V - 1000, V)
+    _close(dw[tail], want_dx[:, tail].T @ h.double(), 3e-2)
+    _close(dh, want_dx @ w.double(), 3e-2)
