@@ -256,7 +256,7 @@ def _ce_fwd_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     # An ignored row ran no steps (s = 0): give it a finite lse before the loss formula.
-    lse = tl.where(ignored, 0.0, m + tl.log(s))
+    lse = tl.where(ignored, 0.0, m + tl.log(tl.where(ignored, 1.0, s)))
 
     # Gather the target logit directly; the mask keeps out-of-range targets from reading.
     x_target = tl.load(x_row + target, mask=in_range & (~ignored), other=0.0).to(tl.float32)
