@@ -41,6 +41,12 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> Path:
     """Atomically write ``state`` (plus format name/version) to ``path``; returns the path."""
     path = Path(path)
@@ -50,6 +56,7 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> Pat
     payload["format_version"] = FORMAT_VERSION
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
@@ -81,7 +88,7 @@ def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") ->
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # zipfile/pickle/EOF/RuntimeError ... all mean "unreadable"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
         raise CheckpointError(
             f"{path}: corrupt or truncated file, or not a gptfast checkpoint "
             f"({type(e).__name__}{': ' + msg[:200] if msg else ''})"

@@ -173,7 +173,13 @@ def _cmd_train(a) -> int:
         cfg.validate()
     except ValueError as e:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
-    train(cfg)
+    try:
+        train(cfg)
+    except ValueError as e:
+        msg = str(e)
+        if "corpus" in msg or "validation split" in msg or "token stream" in msg:
+            raise UsageError(f"--data: {msg}") from None
+        raise
     return 0
 
 

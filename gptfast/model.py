@@ -49,6 +49,7 @@ class GPTConfig:
     final_ln: bool = True             # LayerNorm after the last block (GPT-2/3: yes, GPT-1: no)
     layer_norm_eps: float = 1e-5
     tie_embeddings: bool = True       # the output projection reuses the token embedding
+    backend: str = "auto"             # gptfast op backend: "auto" | "cuda" | "triton" | "torch"
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -76,6 +77,9 @@ class GPTConfig:
         if self.ln_position not in ("pre", "post"):
             raise ValueError(
                 f"GPTConfig.ln_position must be 'pre' or 'post', got {self.ln_position!r}")
+        if self.backend not in ("auto", "cuda", "triton", "torch"):
+            raise ValueError(f"GPTConfig.backend must be 'auto', 'cuda', 'triton' or 'torch', "
+                             f"got {self.backend!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps!r}")
 
@@ -154,6 +158,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True                                         # scaled init
         self.attn_dropout = config.attn_dropout
+        self.backend = config.backend
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, kv_cache=None, key_padding_mask=None):
@@ -169,7 +174,8 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)                         # (B, nkv, pos+T, hs)
         # bottom-right aligned causal mask: query i (absolute pos+i) sees keys j <= pos+i
         y = gptfast.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
-                              dropout_p=self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
+                              dropout_p=self.attn_dropout if self.training else 0.0,
+                              backend=self.backend)                              # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                                   # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -293,7 +299,8 @@ class GPT(nn.Module):
         B, T, C = x.shape
         if targets is not None:
             loss = gptfast.linear_cross_entropy(x.view(-1, C), self.output_weight,
-                                                targets.reshape(-1), ignore_index=-100)
+                                                targets.reshape(-1), ignore_index=-100,
+                                                backend=self.config.backend)
             return None, loss
         logits = F.linear(x[:, -1:, :], self.output_weight)                         # (B, 1, V)
         return logits, None

@@ -28,8 +28,8 @@ gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 pytestmark = pytest.mark.kernel
 
-ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
-GRAD_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+GRAD_ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -232,7 +232,7 @@ def test_stride0_grad_output(deterministic):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_deterministic(dtype):
-    kw = dict(B=2, Hq=4, Hkv=2, Sq=113, Sk=150, d=32, dtype=dtype, causal=True, padding="left",
+    kw = dict(B=1, Hq=4, Hkv=2, Sq=81, Sk=100, d=32, dtype=dtype, causal=True, padding="left",
               deterministic=True)
     _, _, g1 = run_case(**kw)
     _, _, g2 = run_case(**kw)
@@ -247,15 +247,15 @@ def test_deterministic_window_alibi():
 def test_dropout_mask_statistics():
     p = 0.3
     seed = torch.tensor([42], dtype=torch.int64, device=DEVICE)
-    m = A.attention_dropout_keep_mask(seed, 2, 3, 100, 130, p, DEVICE)
-    assert m.dtype == torch.bool and m.shape == (2, 3, 100, 130)
+    m = A.attention_dropout_keep_mask(seed, 2, 2, 64, 100, p, DEVICE)
+    assert m.dtype == torch.bool and m.shape == (2, 2, 64, 100)
     n = m.numel()
     frac = m.float().mean().item()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(frac - (1 - p)) < 6 * sigma, frac
     # Same seed: same mask; another seed: a different one; heads/rows are not copies.
-    assert torch.equal(m, A.attention_dropout_keep_mask(seed, 2, 3, 100, 130, p, DEVICE))
-    other = A.attention_dropout_keep_mask(seed + 1, 2, 3, 100, 130, p, DEVICE)
+    assert torch.equal(m, A.attention_dropout_keep_mask(seed, 2, 2, 64, 100, p, DEVICE))
+    other = A.attention_dropout_keep_mask(seed + 1, 2, 2, 64, 100, p, DEVICE)
     assert (m != other).float().mean().item() > 0.3
     assert not torch.equal(m[0, 0], m[0, 1]) and not torch.equal(m[0, 0], m[1, 0])
     assert not torch.equal(m[0, 0, 0], m[0, 0, 1])
@@ -264,12 +264,12 @@ def test_dropout_mask_statistics():
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_dropout_matches_reference(dtype, deterministic):
-    run_case(B=2, Hq=4, Hkv=2, Sq=113, Sk=150, d=32, dtype=dtype, causal=True, dropout_p=0.25,
+    run_case(B=1, Hq=2, Hkv=1, Sq=70, Sk=90, d=32, dtype=dtype, causal=True, dropout_p=0.25,
              deterministic=deterministic)
 
 
 def test_dropout_window_alibi_padding():
-    run_case(B=2, Hq=2, Sq=64, Sk=90, d=32, causal=True, window=40, alibi=True,
+    run_case(B=2, Hq=1, Sq=50, Sk=70, d=32, causal=True, window=40, alibi=True,
              padding="right", dropout_p=0.4, dlse=True)
 
 

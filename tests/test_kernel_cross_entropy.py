@@ -394,15 +394,16 @@ def test_gpu_linear_ce_large_vocab(V, dtype):
     _close(dw, want[3], tol)
     _close(db, want[4], tol)
 
+    # 100 MiB (> LEAN_MAX_BUDGET): one chunk at V=50257 (fp32 and bf16), three at V=128256 bf16.
     loss, lse, (dh, dw, db) = ce.linear_cross_entropy_forward(
-        h, w, t, b, reduction="mean", memory_budget=256 << 20, **opts)
+        h, w, t, b, reduction="mean", memory_budget=100 << 20, **opts)
     scale = 1.0 / int((t != IGNORE).sum())
     want = linear_ce_reference(h, w, t, b, grad_rows=torch.full((N,), scale,
                                                                dtype=torch.float64), **opts)
     _close(loss, want[0], tol)
     _close(dh, want[2], tol * scale)
-    _close(dw, want[3], tol * scale)
-    _close(db, want[4], tol * scale)
+    _close(dw, want[3], tol * scale * 4)
+    _close(db, want[4], tol * scale * 4)
 
 
 @pytest.mark.gpu
@@ -439,10 +440,14 @@ def test_gpu_linear_ce_more_than_2_31_weight_elements():
     loss, lse, _ = ce.linear_cross_entropy_forward(h, w, t, None, reduction="none", **opts)
     dh, dw, _ = ce.linear_cross_entropy_backward(torch.ones(N, device="cuda"), None, h, w, t,
                                                  None, lse, **opts)
-    x = (h.double() @ w.double().T)
+    # float64 oracle in vocabulary chunks (a float64 copy of the weight would take 17 GB).
+    chunks = range(0, V, 32768)
+    h64 = h.double()
+    x = torch.cat([h64 @ w[v0:v0 + 32768].double().T for v0 in chunks], dim=1)
     want_loss, want_lse, want_dx = ce_reference(x, t, **opts)
-    _close(loss, want_loss, 3e-2)
-    _close(lse, want_lse, 3e-2)
+    _close(loss, want_loss, 1e-3)
+    _close(lse, want_lse, 1e-3)
     tail = slice(V - 1000, V)
-    _close(dw[tail], want_dx[:, tail].T @ h.double(), 3e-2)
-    _close(dh, want_dx @ w.double(), 3e-2)
+    _close(dw[tail], want_dx[:, tail].T @ h64, 3e-2)
+    want_dh = sum(want_dx[:, v0:v0 + 32768] @ w[v0:v0 + 32768].double() for v0 in chunks)
+    _close(dh, want_dh, 3e-2)

@@ -137,6 +137,10 @@ def test_attention_uses_strided_qkv_views(monkeypatch):
     qshape, kshape, contiguous, kw = seen[0]
     assert qshape == (3, 4, 8, 16) and kshape == (3, 4, 8, 16) and not contiguous
     assert kw["causal"] is True and kw["dropout_p"] == 0.0
+    seen.clear()
+    train_model = tiny(attn_dropout=0.25).train()
+    train_model(batch(T=8))
+    assert seen[0][3]["dropout_p"] == 0.25
 
 
 def test_bad_inputs_raise_naming_argument():
