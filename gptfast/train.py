@@ -187,13 +187,21 @@ def _peak_memory(device: torch.device) -> tuple:
         return None, "unknown"
 
 
+def _model_config(d: Dict[str, Any]):
+    """GPTConfig from a stored dict, ignoring fields this version of GPTConfig does not have."""
+    from .model import GPTConfig
+
+    names = {f.name for f in dataclasses.fields(GPTConfig)}
+    return GPTConfig(**{k: v for k, v in d.items() if k in names})
+
+
 def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
     """Rebuild the model stored in a checkpoint -> (model in eval mode, tokenizer, checkpoint dict)."""
-    from .model import GPT, GPTConfig
+    from .model import GPT
 
     ckpt = load_checkpoint(path)
     try:
-        config = GPTConfig(**ckpt["model_config"])
+        config = _model_config(ckpt["model_config"])
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
@@ -269,7 +277,7 @@ def evaluate(model, batches, device, autocast) -> float:
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train (or resume) per ``cfg``; returns the summary dict (also stored in log.json)."""
-    from .model import GPT, GPTConfig, get_config, scheduled_sampling_inputs
+    from .model import GPT, get_config, scheduled_sampling_inputs
 
     cfg.validate()
     say = print if cfg.verbose else (lambda *a, **k: None)
@@ -284,7 +292,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         ckpt_path_in = rpath
     # model config: the checkpoint's when resuming, else preset + overrides
     if resume_state is not None:
-        model_cfg = GPTConfig(**resume_state["model_config"])
+        model_cfg = _model_config(resume_state["model_config"])
         tok = get_tokenizer(resume_state.get("tokenizer", "byte"))
     else:
         overrides = dict(cfg.model_overrides)

@@ -58,6 +58,12 @@ budgeted (memory_budget > LEAN_MAX_BUDGET, reduction "sum" / "mean")
 Offsets: every row / vocab index is cast to int64 before it is multiplied by a stride, so
 N*V, V*D and N*D beyond 2**31 are fine.
 
+Precision notes: logits, lse, losses and all GEMM accumulations are fp32. The gradient tile
+G is rounded to the input dtype only as a tensor-core operand (as any cuBLAS-based fused CE
+does); with fp16 inputs, probabilities below ~6e-8 (fp16 subnormals) flush to zero there.
+A target outside [0, V) makes its row's gradient NaN, which also reaches every dW row the
+row touches (its loss is NaN anyway).
+
 Block sizes: a small table keyed on kernel, dtype and compute capability. The Hopper
 entries (capability 9.x) are reasoned defaults that have NOT been tuned on hardware (no GPU
 was available when this was written). Under TRITON_INTERPRET=1 small blocks keep the CPU
@@ -360,6 +366,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index, label_smoothing, z_l
     log-sum-exp pass per row."""
     LAUNCHES["ce_fwd"] += 1
     _check_logits(logits, targets)
+    targets = targets.contiguous()  # kernels index targets / lse with unit stride
     _check_options(label_smoothing, z_loss, softcap)
     n = logits.shape[0]
     loss = _new((n,), torch.float32, logits.device)
@@ -373,6 +380,7 @@ def cross_entropy_backward(grad_rows, grad_lse, logits, targets, lse, *, ignore_
     """dlogits (N, V) in logits' dtype. inplace=True overwrites and returns `logits`."""
     LAUNCHES["ce_bwd"] += 1
     _check_logits(logits, targets)
+    targets, lse = targets.contiguous(), lse.contiguous()
     _check_options(label_smoothing, z_loss, softcap)
     n = logits.shape[0]
     grad_rows = _rows_vector(grad_rows, n, "grad_rows")
@@ -633,6 +641,8 @@ def linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight, targets, 
     """
     LAUNCHES["lce_bwd"] += 1
     _check_linear(hidden, weight, targets, bias)
+    targets, lse = targets.contiguous(), lse.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     _check_options(label_smoothing, z_loss, softcap)
     n, d = hidden.shape
     v = weight.shape[0]
@@ -788,6 +798,8 @@ def linear_cross_entropy_forward(hidden, weight, targets, bias, *, ignore_index,
     dbias or None) for a uniform upstream gradient (1 for "sum", 1/n_valid for "mean")."""
     LAUNCHES["lce_fwd"] += 1
     _check_linear(hidden, weight, targets, bias)
+    targets = targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
     _check_options(label_smoothing, z_loss, softcap)
     if reduction not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")

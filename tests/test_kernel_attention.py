@@ -383,3 +383,21 @@ def test_gpu_dropout_statistics():
     seed = torch.tensor([3], dtype=torch.int64, device="cuda")
     m = A.attention_dropout_keep_mask(seed, 2, 4, 1024, 1024, 0.1, "cuda")
     assert abs(m.float().mean().item() - 0.9) < 1e-3
+
+
+# --------------------------------------------------------------------------------------------
+# Tile-boundary sweeps: the fully-visible/masked tile split depends on (offset, window) modulo
+# the block sizes, so sweep every residue (block sizes are 16/32 under the interpreter).
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_causal_offset_sweep(deterministic):
+    for offset in list(range(0, 17)) + [-1, -7, -16, -17]:
+        run_case(Hq=1, Sq=40, Sk=40 + offset, d=32, causal=True, deterministic=deterministic)
+
+
+def test_window_sweep():
+    for window, offset in [(15, 0), (16, 3), (17, 9), (31, 14), (32, 1), (33, 15), (2, 5), (48, -3)]:
+        run_case(Hq=1, Sq=45, Sk=45 + offset, d=32, causal=True, window=window,
+                 deterministic=window % 2 == 0)

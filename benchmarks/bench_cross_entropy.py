@@ -1,0 +1,238 @@
+"""Linear cross-entropy (projection onto the vocabulary + softmax CE), forward + backward.
+
+gptfast (lean schedule, and budgeted with memory_budget = 1 GiB) against eager with fp32
+logits (`F.cross_entropy((h @ w.T).float(), t)`), torch.compile of that, Liger's fused linear
+cross-entropy (liger-kernel 0.8.5) and Apple's Cut Cross-Entropy (25.1.1, gradient filtering
+off) when importable. bf16 on a GPU; gradients for hidden and weight.
+
+Reported per shape (N, D, V): time of one step, TFLOP/s (6·N·D·V per step), the fraction of the
+roofline 6·N·D·V / (bf16 matmul rate measured in this run), and peak memory above the inputs
+(the gradients included: (N·D + V·D) · 2 bytes of them are unavoidable).
+
+    python benchmarks/bench_cross_entropy.py [--quick] [--tiny] [--out DIR]
+
+On the CPU (float32, small shapes) it shows what runs there: the chunked reference against the
+materialized logits, in time and memory.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+LEAN, BUDGETED = "gptfast-lean", "gptfast-budget-1GiB"
+EAGER, COMPILED = "eager-fp32-logits", "torch.compile"
+LIGER, CCE = "liger-fused-linear-ce", "cut-cross-entropy"
+PINNED = {LIGER: ("liger-kernel", "0.8.5"), CCE: ("cut-cross-entropy", "25.1.1")}
+LEAN_SLACK = 64 * harness.MiB          # lean goal: peak <= gradients + this
+
+GPU_SHAPES = [("GPT-2", 16384, 768, 50257), ("Llama-3", 8192, 4096, 128256),
+              ("Gemma-2", 8192, 2304, 256000)]
+
+
+def shapes(run: harness.Run) -> List[tuple]:
+    if run.is_cuda:
+        return GPU_SHAPES[:2] if run.quick else GPU_SHAPES
+    if run.tiny:
+        return [("tiny", 256, 32, 2048)]
+    return [("cpu-small", 2048, 128, 16384)]
+
+
+# ---- the peers: each maps (hidden, weight, targets) to a scalar loss ---------------------------
+
+def eager_loss(h, w, t):
+    return F.cross_entropy((h @ w.T).float(), t)
+
+
+def gptfast_loss(memory_budget: Optional[int]) -> Callable:
+    import gptfast
+    return lambda h, w, t: gptfast.linear_cross_entropy(h, w, t, memory_budget=memory_budget)
+
+
+def _version_note(peer: str) -> str:
+    dist, pinned = PINNED[peer]
+    have = importlib.metadata.version(dist)
+    return have if have == pinned else f"{have} (pinned {pinned})"
+
+
+def liger_loss() -> Callable:
+    from liger_kernel.transformers.fused_linear_cross_entropy import (
+        LigerFusedLinearCrossEntropyLoss)
+    loss = LigerFusedLinearCrossEntropyLoss()
+    return lambda h, w, t: loss(w, h, t)
+
+
+def cce_loss() -> Callable:
+    from cut_cross_entropy import linear_cross_entropy
+    # filter_eps=None turns gradient filtering off: every logit's gradient is computed, the
+    # same work as the other peers.
+    return lambda h, w, t: linear_cross_entropy(h, w, t, filter_eps=None)
+
+
+def peers(run: harness.Run) -> Dict[str, Callable]:
+    out: Dict[str, Callable] = {LEAN: gptfast_loss(None), BUDGETED: gptfast_loss(harness.GiB),
+                                EAGER: eager_loss}
+    if run.is_cuda or not run.tiny:   # compiling on a small shared CPU takes too long for tests
+        out[COMPILED] = torch.compile(eager_loss, dynamic=False)
+    else:
+        run.missing(COMPILED, "not compiled in the tiny CPU run (compile time)")
+    for name, make in ((LIGER, liger_loss), (CCE, cce_loss)):
+        if not run.is_cuda:
+            run.missing(name, "Triton GPU kernels (CPU run)")
+            continue
+        try:
+            fn = make()
+            run.config.setdefault("peer_versions", {})[name] = _version_note(name)
+            out[name] = fn
+        except Exception as e:  # noqa: BLE001 - not installed, or fails to import
+            run.missing(name, f"not importable: {harness.error_text(e)}")
+    return out
+
+
+# ---- measuring one shape ----------------------------------------------------------------------
+
+def measure(run: harness.Run, label: str, name: str, fn: Callable, N: int, D: int, V: int,
+            dtype, matmul_tflops: float) -> dict:
+    elt = torch.empty((), dtype=dtype).element_size()
+    flops = 6.0 * N * D * V
+    row = dict(peer=name, shape=label, N=N, D=D, V=V, ms=None, tflops=None,
+               roofline_fraction=None, peak_mem_bytes=None,
+               grad_bytes=(N * D + V * D) * elt, loss=None, error=None)
+    gen = torch.Generator(device=run.device).manual_seed(N + D + V)
+    # Scaled like a trained model's last hidden state and tied embedding, so the softmax is
+    # neither flat nor one-hot.
+    h = (torch.randn(N, D, device=run.device, generator=gen) * 1.0).to(dtype).requires_grad_()
+    w = (torch.randn(V, D, device=run.device, generator=gen) * 0.05).to(dtype).requires_grad_()
+    t = torch.randint(0, V, (N,), device=run.device, generator=gen)
+
+    def step():
+        h.grad = w.grad = None          # each step allocates its gradients, as in training
+        fn(h, w, t).backward()
+    try:
+        row["loss"] = float(fn(h, w, t).detach())       # also the first call (compiles)
+        row["ms"] = run.time_ms(step)
+        row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+        row["roofline_fraction"] = (flops / (matmul_tflops * 1e12) * 1e3) / row["ms"]
+        row["peak_mem_bytes"] = run.peak_bytes(step)
+    except Exception as e:  # noqa: BLE001 - a failing peer is a row with its error
+        row["error"] = "out of memory" if harness.is_oom(e) else harness.error_text(e)
+    finally:
+        h.grad = w.grad = None
+        del h, w, t
+        run.empty_cache()
+    return row
+
+
+# ---- goals (pure: unit-tested on synthetic rows) --------------------------------------------------
+
+def _get(rows, peer, shape, key):
+    for r in rows:
+        if r["peer"] == peer and r["shape"] == shape:
+            return r.get(key)
+    return None
+
+
+def cross_entropy_goals(rows: List[dict], judged: bool = True) -> List[dict]:
+    """The cross-entropy issue's goals, each judged at its worst shape."""
+    labels = list(dict.fromkeys(r["shape"] for r in rows))
+
+    def per_shape(fn, direction):
+        pts = {s: fn(s) for s in labels}
+        detail = ", ".join(f"{s}: " + ("–" if v is None else f"{v:.2f}") for s, v in pts.items())
+        return harness.worst(pts.values(), direction), detail
+
+    def lean_mem(s):
+        g = _get(rows, LEAN, s, "grad_bytes")
+        return harness.ratio(_get(rows, LEAN, s, "peak_mem_bytes"),
+                             None if g is None else g + LEAN_SLACK)
+
+    spec = [
+        ("lce lean peak memory / (gradients + 64 MiB)", lean_mem, 1.0, "<="),
+        ("lce lean speed vs Cut CE (time ratio)",
+         lambda s: harness.ratio(_get(rows, CCE, s, "ms"), _get(rows, LEAN, s, "ms")), 1.0, ">="),
+        ("lce budget(1 GiB) speed vs torch.compile",
+         lambda s: harness.ratio(_get(rows, COMPILED, s, "ms"), _get(rows, BUDGETED, s, "ms")),
+         1.0, ">="),
+        ("lce budget(1 GiB) memory / torch.compile memory",
+         lambda s: harness.ratio(_get(rows, BUDGETED, s, "peak_mem_bytes"),
+                                 _get(rows, COMPILED, s, "peak_mem_bytes")), 0.5, "<"),
+    ]
+    goals = []
+    for name, fn, target, direction in spec:
+        value, detail = per_shape(fn, direction)
+        goals.append(harness.goal(name, value, target, direction=direction, judged=judged,
+                                  detail=detail))
+    return goals
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+def table(rows: List[dict]) -> str:
+    body = [[r["shape"], r["peer"], r["ms"], r["tflops"], r["roofline_fraction"],
+             None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / harness.MiB,
+             r["grad_bytes"] / harness.MiB, r["loss"], r["error"] or ""] for r in rows]
+    return harness.md_table(["shape", "peer", "ms", "TFLOP/s", "of roofline", "peak MiB",
+                             "grads MiB", "loss", "error"], body)
+
+
+def plot(rows: List[dict], title: str):
+    def make(out_dir: Path) -> List[Path]:
+        import matplotlib.pyplot as plt
+        labels = list(dict.fromkeys(r["shape"] for r in rows))
+        names = list(dict.fromkeys(r["peer"] for r in rows))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            for ax, key, scale in ((axes[0], "ms", 1.0), (axes[1], "peak_mem_bytes", harness.MiB)):
+                vals = [(_get(rows, name, s, key) or 0) / scale for s in labels]
+                ax.bar([x + i * width for x in range(len(labels))], vals, width, label=name)
+        for ax, what in ((axes[0], "time per step (ms)"), (axes[1], "peak memory above inputs (MiB)")):
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))])
+            ax.set_xticklabels(labels)
+            ax.set_ylabel(what)
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3, axis="y")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / "cross_entropy_time_memory.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return [path]
+    return make
+
+
+def main(argv=None) -> int:
+    run = harness.start("cross-entropy", argv)
+    dtype = torch.bfloat16 if run.is_cuda else torch.float32
+    run.config = {"dtype": str(dtype), "shapes": [list(s) for s in shapes(run)],
+                  "flops": "6*N*D*V per step (forward + backward)",
+                  "roofline": "6*N*D*V / measured matmul rate",
+                  "memory": "peak allocated above the inputs during one step, gradients included"}
+    fns = peers(run)
+    for label, N, D, V in shapes(run):
+        for name, fn in fns.items():
+            row = run.add_row(**measure(run, label, name, fn, N, D, V, dtype,
+                                        run.ceilings["matmul_tflops"]))
+            print(f"  {label:10s} {name:22s} "
+                  + ("–" if row["ms"] is None else f"{row['ms']:.3g} ms") + " "
+                  + ("" if row["peak_mem_bytes"] is None
+                     else f"{row['peak_mem_bytes'] / harness.MiB:.0f} MiB ")
+                  + (row["error"] or ""), flush=True)
+    for r in run.rows:
+        if r["error"] and all(x["error"] for x in run.rows if x["peer"] == r["peer"]):
+            run.missing(r["peer"], f"failed at every shape: {r['error']}")
+    run.goals = cross_entropy_goals(run.rows, judged=run.is_cuda)
+    run.finish(table(run.rows), plot(run.rows, f"linear cross-entropy, {run.slug}"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
