@@ -210,7 +210,7 @@ def plot(rows: List[dict], title: str):
 
 
 def main(argv=None) -> int:
-    run = harness.start("cross-entropy", argv)
+    run = harness.start("cross_entropy", argv)
     dtype = torch.bfloat16 if run.is_cuda else torch.float32
     run.config = {"dtype": str(dtype), "shapes": [list(s) for s in shapes(run)],
                   "flops": "6*N*D*V per step (forward + backward)",

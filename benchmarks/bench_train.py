@@ -102,11 +102,13 @@ def setup(run: harness.Run) -> dict:
         # the gpu-check budget; the full run is the 124M model.
         layers, batch = (2, 8) if run.quick else (12, 16)
         cfg = get_config("gpt2", n_layer=layers, dropout=0.0, attn_dropout=0.0)
-        return dict(config=cfg, batch=batch, dtype="bf16 autocast", compile=True)
+        return dict(preset="gpt2" if layers == 12 else f"gpt2 width, {layers} of 12 layers",
+                    config=cfg, batch=batch, dtype="bf16 autocast", compile=True)
     cfg = get_config("tiny", dropout=0.0, attn_dropout=0.0)
     if run.tiny:
         cfg = get_config("tiny", dropout=0.0, attn_dropout=0.0, block_size=32, n_layer=1)
-    return dict(config=cfg, batch=2 if run.tiny else 8, dtype="fp32", compile=False)
+    return dict(preset="tiny", config=cfg, batch=2 if run.tiny else 8, dtype="fp32",
+                compile=False)
 
 
 def make_model(kind: str, cfg, device):
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
     run = harness.start("train", argv)
     s = setup(run)
     c = s["config"]
-    run.config = {"model": f"GPT-2 width, n_layer={c.n_layer}, n_embd={c.n_embd}, "
+    run.config = {"model": f"{s['preset']}: n_layer={c.n_layer}, n_embd={c.n_embd}, "
                            f"T={c.block_size}, V={c.vocab_size}", "batch": s["batch"],
                   "dtype": s["dtype"], "optimizer": "AdamW (fused on CUDA)",
                   "mfu": "tokens/s * (6*N + 12*L*d*T) / peak bf16 (989 TFLOP/s on H100/H200)"}

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import hashlib
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -35,7 +33,9 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import REPO, git_info, kernel_hash  # noqa: E402,F401 (re-exported)
+
 MiB = 1 << 20
 GiB = 1 << 30
 
@@ -64,36 +64,6 @@ def device_slug(device: torch.device) -> str:
         return "cpu"
     name = torch.cuda.get_device_name(device).lower()
     return "-".join("".join(c if c.isalnum() else " " for c in name).split())
-
-
-def kernel_hash(root: Path = REPO) -> str:
-    """sha256 (12 hex digits) of the paths and contents of every source file under kernels/ and
-    csrc/: results carry it, so a table can say whether the kernels changed since it was made."""
-    h = hashlib.sha256()
-    for top in ("kernels", "csrc"):
-        base = root / top
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if (not path.is_file() or "__pycache__" in rel or "/build/" in rel
-                    or path.suffix in (".pyc", ".so", ".o")):
-                continue
-            h.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:12]
-
-
-def git_info(root: Path = REPO) -> dict:
-    """Commit and whether the tree differs from it (read-only git calls; 'unknown' without git)."""
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD") or "unknown"
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = os.environ.get("GPTFAST_COMMIT", "unknown"), None
-    return {"commit": commit, "dirty": dirty}
 
 
 def versions() -> dict:

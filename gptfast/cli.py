@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 def _cmd_train(a) -> int:
     from .model import PRESETS
-    from .train import TrainConfig, train
+    from .train import TrainConfig, resolve_device, train
 
     if a.preset not in PRESETS:
         raise UsageError(f"--preset: unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
@@ -136,6 +136,10 @@ def _cmd_train(a) -> int:
     if a.resume is not None:
         rpath = Path(a.resume) if a.resume else Path(a.out) / "ckpt.pt"
         _check_ckpt("--resume", rpath)
+    try:
+        resolve_device(a.device)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
     if a.threads:
         import torch
 

@@ -426,7 +426,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
         q_lo = tl.minimum(tl.maximum(start_n - offset, 0), Sq)
         first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
     if HAS_WINDOW:
-        q_hi = tl.minimum(Sq, tl.maximum(start_n + BLOCK_N - 2 - offset + window, 0))
+        q_hi = tl.minimum(Sq, tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0))
         full_end = tl.minimum(Sq, tl.maximum(start_n - offset + window, 0))
     t_hi = (q_hi + BLOCK_M - 1) // BLOCK_M
     t_lo = tl.minimum(q_lo // BLOCK_M, t_hi)

@@ -106,6 +106,8 @@ def test_bad_inputs(trained, tmp_path, capsys):
     _one_line_error(capsys, rc, "--ckpt")
     rc = run_main(["generate", "--ckpt", str(out), "--prompt", "x" * 100])
     _one_line_error(capsys, rc, "--prompt")
+    rc = run_main(["train", "--device", "bogus-device"])
+    _one_line_error(capsys, rc, "--device", "bogus-device")
     rc = run_main(["bench", "no-such-bench"])
     _one_line_error(capsys, rc, "no-such-bench")
 

@@ -398,6 +398,9 @@ def test_causal_offset_sweep(deterministic):
 
 
 def test_window_sweep():
-    for window, offset in [(15, 0), (16, 3), (17, 9), (31, 14), (32, 1), (33, 15), (2, 5), (48, -3)]:
-        run_case(Hq=1, Sq=45, Sk=45 + offset, d=32, causal=True, window=window,
+    # Small windows (no fully visible tile) and, from 48 on, every residue of window mod 16
+    # with fully visible tiles between the window edge and the diagonal.
+    cases = [(1, 0), (2, 5), (15, 0), (17, 9), (33, -3), (50, 7)] + [(w, 0) for w in range(48, 64)]
+    for window, offset in cases:
+        run_case(Hq=1, Sq=90, Sk=90 + offset, d=32, causal=True, window=window,
                  deterministic=window % 2 == 0)

@@ -71,9 +71,10 @@ class _TorchImpl:
 
 
 def _chunk_elements(memory_budget: Optional[int]) -> int:
-    # A chunk holds fp32 logits, probabilities and their gradient: about 12 bytes an element.
+    # A chunk's fp32 logits, probabilities, gradient and the temporaries between them: about
+    # 32 bytes an element at the peak (measured by benchmarks/bench_cross_entropy.py on CPU).
     budget = LEAN_BUDGET if memory_budget is None else memory_budget
-    return max(1 << 12, budget // 12)
+    return max(1 << 12, budget // 32)
 
 
 def _impl(backend: str):

@@ -202,13 +202,12 @@ def _chunk_dlogits(x: Tensor, t: Tensor, lse: Tensor, g_rows: Optional[Tensor],
         # all-ignored batch divides by zero).
         gr = torch.where(valid, g_rows.to(x.dtype).unsqueeze(-1), 0.0)
         coef_p = 1.0 + 2.0 * z_loss * lse.unsqueeze(-1)  # softmax part of nll, smoothing, z
-        g = p * coef_p
+        g = p * coef_p - label_smoothing / V
         in_range = (t >= 0) & (t < V)
-        onehot = torch.zeros_like(p)
-        onehot.scatter_(-1, torch.where(in_range, t, torch.zeros_like(t)).unsqueeze(-1),
-                        in_range.to(x.dtype).unsqueeze(-1))
-        g = g - (1.0 - label_smoothing) * onehot - label_smoothing / V
-        g = g * gr
+        # - (1 - eps) * onehot(target), without building the one-hot matrix
+        g.scatter_add_(-1, torch.where(in_range, t, torch.zeros_like(t)).unsqueeze(-1),
+                       (-(1.0 - label_smoothing) * in_range.to(x.dtype)).unsqueeze(-1))
+        g.mul_(gr)
     if g_lse is not None:
         g = g + g_lse.to(x.dtype).unsqueeze(-1) * p
     if softcap is not None:
