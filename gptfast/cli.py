@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA")
     t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    t.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default on CPU: the idle cores, judged by the load average)")
     t.add_argument("--no-plot", action="store_true", help="skip loss.png")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 def _cmd_train(a) -> int:
     from .model import PRESETS
-    from .train import TrainConfig, resolve_device, train
+    from .train import TrainConfig, auto_threads, resolve_device, train
 
     if a.preset not in PRESETS:
         raise UsageError(f"--preset: unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
@@ -140,10 +140,6 @@ def _cmd_train(a) -> int:
         resolve_device(a.device)
     except ValueError as e:
         raise UsageError(f"--device: {e}") from None
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
     cfg = TrainConfig(
         preset=a.preset,
         block_size=a.block_size,
@@ -177,6 +173,13 @@ def _cmd_train(a) -> int:
         cfg.validate()
     except ValueError as e:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
+    import torch
+
+    threads_before = torch.get_num_threads()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    elif resolve_device(a.device).type == "cpu":
+        torch.set_num_threads(auto_threads())
     try:
         train(cfg)
     except ValueError as e:
@@ -184,6 +187,8 @@ def _cmd_train(a) -> int:
         if "corpus" in msg or "validation split" in msg or "token stream" in msg:
             raise UsageError(f"--data: {msg}") from None
         raise
+    finally:
+        torch.set_num_threads(threads_before)  # matters when main() is called in-process
     return 0
 
 

@@ -9,7 +9,6 @@ autocast and the fused gptfast kernels. Writes runs/demo/{ckpt.pt, log.json, los
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import List, Optional
@@ -29,14 +28,6 @@ DEFAULTS = dict(
 )
 
 
-def _cpu_threads() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(n, 16))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gptfast.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo")
@@ -46,16 +37,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the idle cores, judged by the load average)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
 
     t_start = time.perf_counter()
     from .generate import generate
-    from .train import TrainConfig, load_model, resolve_device, train
+    from .train import TrainConfig, auto_threads, load_model, resolve_device, train
 
     device = resolve_device(a.device)
     if device.type == "cpu":
-        torch.set_num_threads(_cpu_threads())
+        torch.set_num_threads(a.threads or auto_threads())
     print(f"gptfast demo: device={device}" + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
 
     cfg = TrainConfig(

@@ -30,6 +30,7 @@ __all__ = [
     "train",
     "get_lr",
     "resolve_device",
+    "auto_threads",
     "build_optimizer",
     "flops_per_token",
     "peak_flops",
@@ -117,6 +118,24 @@ def get_lr(step: int, *, lr: float, min_lr: float, warmup: int, decay_steps: int
         return min_lr
     ratio = (step - warmup) / max(1, decay_steps - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def auto_threads() -> int:
+    """CPU threads for torch: the cores this process may use, minus those other processes keep
+    busy (1-minute load average), at least 1.
+
+    On a shared machine this matters a lot: with every core already busy, 2 intra-op threads
+    that wait on each other can run 10x slower than 1 thread.
+    """
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(n, int(n - busy + 0.5)))
 
 
 def resolve_device(name: str = "auto") -> torch.device:
