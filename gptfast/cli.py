@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     t.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
     t.add_argument("--warmup", type=_nonneg_int, default=20, help="linear warmup steps")
-    t.add_argument("--decay-steps", type=_positive_int, default=None, help="cosine length (default --steps)")
+    t.add_argument("--decay-steps", type=_positive_int, default=None, help="cosine length (default --steps); when training a run in pieces, set it to the full length")
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--grad-accum", type=_positive_int, default=1, help="micro-batches per step")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scheduled-sampling", type=_prob, default=0.0, metavar="P",
                    help="replace each input position by the model's prediction with probability P (0: teacher forcing)")
     t.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                   help="resume from CKPT (default: OUT/ckpt.pt)")
+                   help="resume from CKPT (default: OUT/ckpt.pt); continues bit-for-bit on CPU (same --steps/--decay-steps as the full run)")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     t.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA")
