@@ -787,6 +787,12 @@ class _Extras(NamedTuple):
     drop_scale: float
 
 
+def head_span(t: Tensor) -> int:
+    """Elements spanned by one (batch, head) slice of a (B, H, S, d) tensor. The kernels use
+    64-bit offsets for batch and head but 32-bit ones inside a slice (cheaper address math)."""
+    return (t.shape[2] - 1) * t.stride(2) + t.shape[3]
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, alibi_slopes, window,
            key_padding_mask, dropout_p, seed) -> _Extras:
     assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, S, d)"
@@ -799,6 +805,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, alibi_slopes, window,
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, \
         "the last dim of q, k, v must be contiguous"
     assert d in HEAD_DIMS_FWD, f"head dim {d} not supported (supported: {HEAD_DIMS_FWD})"
+    assert max(head_span(t) for t in (q, k, v)) < 2**31, \
+        "row offsets within one (batch, head) slice must fit in 32 bits"
     if window is not None:
         assert causal, "window is only supported together with causal=True"
     dummy = q  # stands in for absent pointers (never read: the constexpr flag is off)

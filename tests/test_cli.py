@@ -14,14 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"class C{i}:\n    def m(self):\n        return {i}\n\n" for i in range(300))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU 2 threads that
-    wait on each other can be 10x slower than 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(argv):

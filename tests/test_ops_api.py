@@ -205,3 +205,13 @@ def test_stride_zero_upstream_gradient():
     h2 = h.detach().clone().requires_grad_()
     F.cross_entropy(h2 @ w.detach().t() + b.detach(), t, reduction="sum").backward()
     torch.testing.assert_close(h.grad, h2.grad)
+
+
+def test_triton_declines_head_slices_beyond_32_bit_offsets():
+    # A (batch, head) slice spanning 2**31 elements (here through a huge sequence stride, on
+    # the meta device so nothing is allocated) is declined with a reason, not overflowed.
+    q = torch.empty_strided((1, 1, 3, 32), (0, 0, 2**30, 1), device="meta")
+    from gptfast.ops.attention import _triton_support
+    reason = _triton_support(dict(dtype=torch.float16, head_dim=32, needs_grad=False,
+                                  qkv=(q, q, q)))
+    assert reason and "2**31" in reason

@@ -33,6 +33,8 @@ def _triton_support(inputs: dict) -> Optional[str]:
     d = inputs["head_dim"]
     if d not in kern.HEAD_DIMS_FWD:
         return f"head dim {d} is not supported (supported: {kern.HEAD_DIMS_FWD})"
+    if max(kern.head_span(t) for t in inputs["qkv"]) >= 2**31:
+        return "a (batch, head) slice spans 2**31 elements or more (32-bit offsets inside it)"
     if inputs["needs_grad"] and d not in kern.HEAD_DIMS_BWD:
         return (f"head dim {d} has no backward kernel (backward supports {kern.HEAD_DIMS_BWD});"
                 f" forward-only use (torch.no_grad) is supported")
@@ -171,7 +173,7 @@ def _plan(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window
     check_same_dtype(q=q, k=k, v=v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    inputs = dict(dtype=q.dtype, head_dim=q.shape[-1], needs_grad=needs_grad,
+    inputs = dict(dtype=q.dtype, head_dim=q.shape[-1], needs_grad=needs_grad, qkv=(q, k, v),
                   deterministic=deterministic, dropout_p=dropout_p)
     return backends.choose(OP, backend, device, inputs), (q, k, v)
 
