@@ -191,10 +191,13 @@ def test_opcheck_cross_entropy_ops():
     x = torch.randn(9, 17, requires_grad=True)
     t = torch.randint(0, 17, (9,))
     opts = (-100, 0.0, 1e-3, None)
-    torch.library.opcheck(torch.ops.gptfast.cross_entropy_fwd, (x, t, *opts, "torch"))
-    _, lse = torch.ops.gptfast.cross_entropy_fwd(x, t, *opts, "torch")
+    torch.library.opcheck(torch.ops.gptfast.cross_entropy_fwd, (x, t, *opts, False, "torch"))
+    _, lse = torch.ops.gptfast.cross_entropy_fwd(x, t, *opts, False, "torch")
     torch.library.opcheck(torch.ops.gptfast.cross_entropy_bwd,
                           (torch.rand(9), torch.rand(9), x.detach(), t, lse.detach(), *opts,
+                           "torch"))
+    torch.library.opcheck(torch.ops.gptfast.cross_entropy_bwd_,
+                          (torch.rand(9), None, x.detach().clone(), t, lse.detach(), *opts,
                            "torch"))
 
 

@@ -63,6 +63,30 @@ def test_cross_entropy_triton_matches_oracle():
     torch.testing.assert_close(gx.double(), rx.double(), atol=1e-6, rtol=1e-4)
 
 
+def test_cross_entropy_inplace_backward_reuses_the_logits_buffer():
+    h = torch.randn(33, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(300, 16, device=DEVICE)
+    t = torch.randint(0, 300, (33,), device=DEVICE)
+    ptrs = []
+
+    def keep_ptr(grad):  # the gradient reaching the logits is the logits buffer itself
+        ptrs.append(grad.data_ptr())
+    logits = h @ w.t()
+    logits.register_hook(keep_ptr)
+    ptr = logits.data_ptr()
+    loss = gptfast.cross_entropy(logits, t, z_loss=1e-3, inplace_backward=True,
+                                 backend="triton")
+    del logits
+    loss.backward()
+    assert ptrs == [ptr]
+    ref, _ = cross_entropy_oracle(h.detach().double() @ w.double().t(), t, z_loss=1e-3)
+    h2 = h.detach().double().requires_grad_()
+    ref2, _ = cross_entropy_oracle(h2 @ w.double().t(), t, z_loss=1e-3)
+    g2, = torch.autograd.grad(ref2, h2)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h.grad.double(), g2, atol=1e-5, rtol=1e-4)
+
+
 def test_opcheck_triton_cross_entropy_ops():
     h, w, b, t = _lce_inputs(N=20, V=129, bias=True)
     opts = (-100, 0.0, 1e-3, None)
@@ -70,7 +94,7 @@ def test_opcheck_triton_cross_entropy_ops():
     torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, t, b, *opts, "triton"))
     x = torch.randn(9, 130, device=DEVICE, requires_grad=True)
     tx = torch.randint(0, 130, (9,), device=DEVICE)
-    torch.library.opcheck(ops.cross_entropy_fwd, (x, tx, *opts, "triton"))
+    torch.library.opcheck(ops.cross_entropy_fwd, (x, tx, *opts, False, "triton"))
 
 
 def test_fullgraph_compile_through_triton_loss():

@@ -3,7 +3,7 @@
 Layers, thinnest on top:
   cross_entropy(), linear_cross_entropy()   public functions: checks, autocast, backend choice,
                                             the reduction
-  gptfast::cross_entropy_fwd/_bwd,          custom ops (register_fake + register_autograd); the
+  gptfast::cross_entropy_fwd/_bwd/_bwd_,    custom ops (register_fake + register_autograd); the
   gptfast::linear_cross_entropy_fwd/_bwd,   `backend` argument picks the implementation
   gptfast::linear_cross_entropy_fwd_grad
   reference.py / kernels/cross_entropy.py   the implementations
@@ -109,7 +109,9 @@ def _opts(ignore_index, label_smoothing, z_loss, softcap):
 
 @torch.library.custom_op("gptfast::cross_entropy_fwd", mutates_args=())
 def _ce_fwd(logits: Tensor, targets: Tensor, ignore_index: int, label_smoothing: float,
-            z_loss: float, softcap: Optional[float], backend: str) -> tuple[Tensor, Tensor]:
+            z_loss: float, softcap: Optional[float], inplace_backward: bool,
+            backend: str) -> tuple[Tensor, Tensor]:
+    # `inplace_backward` only matters to the backward; it is an input so autograd can save it.
     loss_rows, lse = _impl(backend).cross_entropy_forward(
         logits, targets, **_opts(ignore_index, label_smoothing, z_loss, softcap))
     acc = _acc(logits.dtype)
@@ -117,7 +119,7 @@ def _ce_fwd(logits: Tensor, targets: Tensor, ignore_index: int, label_smoothing:
 
 
 @_ce_fwd.register_fake
-def _(logits, targets, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _(logits, targets, ignore_index, label_smoothing, z_loss, softcap, inplace_backward, backend):
     n, acc = logits.shape[0], _acc(logits.dtype)
     return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
 
@@ -137,17 +139,34 @@ def _(grad_rows, grad_lse, logits, targets, lse, ignore_index, label_smoothing, 
     return logits.new_empty(logits.shape)
 
 
+@torch.library.custom_op("gptfast::cross_entropy_bwd_", mutates_args=("logits",))
+def _ce_bwd_inplace(grad_rows: Optional[Tensor], grad_lse: Optional[Tensor], logits: Tensor,
+                    targets: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float,
+                    z_loss: float, softcap: Optional[float], backend: str) -> None:
+    """The backward that overwrites the logits with their gradient (no second N x V buffer)."""
+    dlogits = _impl(backend).cross_entropy_backward(
+        grad_rows, grad_lse, logits, targets, lse, inplace=True,
+        **_opts(ignore_index, label_smoothing, z_loss, softcap))
+    if dlogits.data_ptr() != logits.data_ptr():  # a backend that cannot write in place
+        logits.copy_(dlogits)
+
+
 def _ce_setup(ctx, inputs, output):
-    logits, targets, *args = inputs
+    logits, targets, *args, inplace_backward, backend = inputs
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, targets, output[1])
-    ctx.args = args
+    ctx.args = (*args, backend)
+    ctx.inplace_backward = inplace_backward
 
 
 def _ce_backward(ctx, grad_rows, grad_lse):
     logits, targets, lse = ctx.saved_tensors
-    return (_ce_bwd(grad_rows, grad_lse, logits, targets, lse, *ctx.args),
-            None, None, None, None, None, None)
+    if ctx.inplace_backward:
+        _ce_bwd_inplace(grad_rows, grad_lse, logits, targets, lse, *ctx.args)
+        dlogits = logits
+    else:
+        dlogits = _ce_bwd(grad_rows, grad_lse, logits, targets, lse, *ctx.args)
+    return dlogits, None, None, None, None, None, None, None
 
 
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -315,7 +334,8 @@ def _plan_ce(logits, targets, *, ignore_index=-100, reduction="mean", label_smoo
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
                   reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None, return_lse: bool = False,
-                  validate: bool = False, backend: str = "auto"):
+                  validate: bool = False, inplace_backward: bool = False,
+                  backend: str = "auto"):
     """Softmax cross-entropy over the last dim, fused: one pass per row, no softmax stored.
 
     logits (..., V) fp16/bf16/fp32 (fp64 on "torch"); targets (...) integer class ids.
@@ -328,6 +348,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
     Targets outside [0, V) raise on CPU; on GPU those rows give NaN unless validate=True, which
     checks (a host sync) and raises. The loss is fp32 (fp64 for fp64 logits). With return_lse=True returns
     (loss, lse) with lse (...) fp32, differentiable.
+    inplace_backward=True lets a kernel backend write the gradient into the logits buffer
+    (half the memory): the logits' values are gone after backward, and a backend that cannot
+    write in place (the "torch" reference) ignores the flag.
     """
     decision, x, t = _plan_ce(logits, targets, ignore_index=ignore_index, reduction=reduction,
                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
@@ -342,7 +365,7 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
             x, t, **_opts(ignore_index, float(label_smoothing), float(z_loss), sc))
     else:
         loss_rows, lse = _ce_fwd(x, t, ignore_index, float(label_smoothing), float(z_loss), sc,
-                                 decision.backend)
+                                 bool(inplace_backward), decision.backend)
     return _finish(loss_rows, lse, t, lead, ignore_index, reduction, return_lse)
 
 
