@@ -6,6 +6,7 @@
 
 `gptfast.explain(gptfast.attention, q, k, v)` says which backend runs and why.
 """
+from . import nn
 from .ops import (BackendError, attention, cross_entropy, explain, linear_cross_entropy,
                   report)
 
@@ -19,4 +20,4 @@ def count_params(name_or_config) -> int:
 
 
 __all__ = ["attention", "cross_entropy", "linear_cross_entropy", "explain", "report",
-           "BackendError", "count_params", "__version__"]
+           "BackendError", "count_params", "nn", "__version__"]
