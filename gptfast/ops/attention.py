@@ -190,7 +190,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             `F.scaled_dot_product_attention`. Hkv must divide Hq (grouped-query / multi-query
             attention: query head h reads key/value head h // (Hq // Hkv)). fp16, bf16, fp32
             (fp64 on the "torch" backend). Only the last dim needs to be contiguous: q, k, v may
-            be transposed slices of one fused QKV projection.
+            be transposed slices of one fused QKV projection. Precision: the kernels' dots take
+            fp16/bf16 operands and accumulate in fp32, softmax statistics are fp32; fp32 inputs
+            get true fp32 dots (IEEE, not TF32: exact but several times slower than bf16).
         causal: mask future keys. When Sq != Sk the mask is aligned to the bottom-right corner,
             so the last query sees every key; that is what a KV cache needs. Query i sees key j
             iff j <= i + Sk - Sq. Sq = 2, Sk = 5 (1 = visible):
