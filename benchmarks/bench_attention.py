@@ -224,12 +224,7 @@ def plot(rows: List[dict], title: str):
                 ax.set_title(f"causal attention, d={d}, {key.split('_')[0]}")
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
-        fig.suptitle(title)
-        fig.tight_layout()
-        path = out_dir / "attention_tflops.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return harness.save_figure(fig, out_dir / "attention_tflops.png", title)
     return make
 
 

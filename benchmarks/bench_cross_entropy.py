@@ -200,12 +200,7 @@ def plot(rows: List[dict], title: str):
             ax.set_yscale("log")
             ax.grid(alpha=0.3, axis="y")
         axes[0].legend(fontsize=7)
-        fig.suptitle(title)
-        fig.tight_layout()
-        path = out_dir / "cross_entropy_time_memory.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return harness.save_figure(fig, out_dir / "cross_entropy_time_memory.png", title)
     return make
 
 

@@ -86,11 +86,7 @@ def plot(rows: List[dict], title: str):
         ax.legend()
         ax.grid(alpha=0.3, axis="y")
         ax.set_title(title)
-        fig.tight_layout()
-        path = out_dir / "generate_tokens_per_s.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return harness.save_figure(fig, out_dir / "generate_tokens_per_s.png")
     return make
 
 

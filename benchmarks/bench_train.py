@@ -214,12 +214,7 @@ def plot(rows: List[dict], title: str):
         for ax in axes:
             ax.tick_params(axis="x", rotation=20, labelsize=8)
             ax.grid(alpha=0.3, axis="y")
-        fig.suptitle(title)
-        fig.tight_layout()
-        path = out_dir / "train_step.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        return [path]
+        return harness.save_figure(fig, out_dir / "train_step.png", title)
     return make
 
 

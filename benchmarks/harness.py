@@ -226,6 +226,17 @@ def worst(values: Iterable[Optional[float]], direction: str = ">=") -> Optional[
 
 # ---- the run ------------------------------------------------------------------------------------
 
+def save_figure(fig, path, title: Optional[str] = None) -> list:
+    """Lay out, title, write (PNG) and close a matplotlib figure; returns [path] for the run."""
+    import matplotlib.pyplot as plt
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     def cell(v):
         if v is None:
