@@ -227,7 +227,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
                                        alibi_slopes=alibi_slopes, window=window,
                                        key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-
     else:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             # The kernels stream rows of d contiguous elements; anything else is rare enough

@@ -13,6 +13,7 @@ those into a `Decision`, which `gptfast.explain(...)` prints and the debug log r
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -69,12 +70,17 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@torch.compiler.assume_constant_result
-def _triton_version() -> Optional[str]:
+@functools.lru_cache(maxsize=None)  # probed once: an op call must not retry imports
+def _probe_triton() -> Optional[str]:
     try:
         return importlib.import_module("triton").__version__
     except Exception:  # noqa: BLE001 - any import failure means "not available"
         return None
+
+
+@torch.compiler.assume_constant_result
+def _triton_version() -> Optional[str]:
+    return _probe_triton()
 
 
 def triton_unavailable(device: torch.device) -> Optional[str]:
@@ -89,6 +95,7 @@ def triton_unavailable(device: torch.device) -> Optional[str]:
     return f"Triton does not run on {device.type} tensors"
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_extension():
     """The compiled `gptfast._C` module, or None when it was not built."""
     try:
