@@ -669,6 +669,9 @@ _INTERPRET_CONFIG = {
     "bwd_q": Config(32, 16, 4, 1),
 }
 
+# Rows per program of the backward's delta preprocess on a GPU (32 under the interpreter).
+PREPROCESS_BLOCK_M = 64
+
 
 def _smem_limit(capability: Tuple[int, int]) -> int:
     return {9: 227 * 1024, 8: 163 * 1024}.get(capability[0], 99 * 1024)
@@ -897,7 +900,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     has_dlse = dlse is not None
     dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else lse
     BLOCK_D = _block_d(d)
-    pre_m = 32 if _interpreting() or q.device.type != "cuda" else 64
+    pre_m = 32 if _interpreting() or q.device.type != "cuda" else PREPROCESS_BLOCK_M
     _attn_bwd_preprocess[(triton.cdiv(Sq, pre_m), B * Hq)](
         out, do, dlse_t, delta,
         out.stride(0), out.stride(1), out.stride(2),

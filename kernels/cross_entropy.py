@@ -143,13 +143,17 @@ _INTERPRETER = {
 }
 
 
+def committed_config(kind, dtype, capability):
+    """The table entry a GPU of compute `capability` (major, minor) uses (a fresh dict)."""
+    width = "32" if dtype == torch.float32 else "16"
+    table = _HOPPER if capability[0] >= 9 else _GENERIC
+    return dict(table[(kind, width)])
+
+
 def _config(kind, dtype, device):
     if _interpreting() or device.type != "cuda":
         return dict(_INTERPRETER[kind])
-    width = "32" if dtype == torch.float32 else "16"
-    major, _ = torch.cuda.get_device_capability(device)
-    table = _HOPPER if major >= 9 else _GENERIC
-    return dict(table[(kind, width)])
+    return committed_config(kind, dtype, torch.cuda.get_device_capability(device))
 
 
 def _num_sms(device):
