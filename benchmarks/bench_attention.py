@@ -246,9 +246,7 @@ def main(argv=None) -> int:
                 fmt = lambda v: "–" if v is None else f"{v:.3g}"  # noqa: E731
                 print(f"  {name:22s} d={d:3d} S={S:5d} fwd {fmt(row['fwd_tflops'])} "
                       f"bwd {fmt(row['bwd_tflops'])} TFLOP/s {row['error'] or ''}", flush=True)
-    for r in run.rows:   # a peer that failed at every point is missing, not just slow
-        if r["error"] and all(x["error"] for x in run.rows if x["peer"] == r["peer"]):
-            run.missing(r["peer"], f"failed at every point: {r['error']}")
+    run.mark_failed_peers_missing()
     run.goals = attention_goals(run.rows, judged=run.is_cuda)
     run.finish(table(run.rows), plot(run.rows, f"causal attention, {run.slug}"))
     return 0

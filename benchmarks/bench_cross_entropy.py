@@ -221,9 +221,7 @@ def main(argv=None) -> int:
                   + ("" if row["peak_mem_bytes"] is None
                      else f"{row['peak_mem_bytes'] / harness.MiB:.0f} MiB ")
                   + (row["error"] or ""), flush=True)
-    for r in run.rows:
-        if r["error"] and all(x["error"] for x in run.rows if x["peer"] == r["peer"]):
-            run.missing(r["peer"], f"failed at every shape: {r['error']}")
+    run.mark_failed_peers_missing()
     run.goals = cross_entropy_goals(run.rows, judged=run.is_cuda)
     run.finish(table(run.rows), plot(run.rows, f"linear cross-entropy, {run.slug}"))
     return 0

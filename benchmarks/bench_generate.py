@@ -112,9 +112,7 @@ def main(argv=None) -> int:
                       + f" {row['error'] or ''}", flush=True)
         del model
         run.empty_cache()
-    for r in run.rows:
-        if r["error"] and all(x["error"] for x in run.rows if x["peer"] == r["peer"]):
-            run.missing(r["peer"], f"failed at every point: {r['error']}")
+    run.mark_failed_peers_missing()
     run.goals = []   # the generation issue sets no ratio goal; the roofline fraction is the measure
     run.finish(table(run.rows), plot(run.rows, f"decoding, {run.slug}"))
     return 0

@@ -316,6 +316,12 @@ class Run:
             self.missing_peers.append({"peer": peer, "reason": reason})
             print(f"  missing peer {peer}: {reason}", flush=True)
 
+    def mark_failed_peers_missing(self) -> None:
+        """A peer whose every row failed is missing, not just slow: it must not pass quietly."""
+        for r in self.rows:
+            if r["error"] and all(x["error"] for x in self.rows if x["peer"] == r["peer"]):
+                self.missing(r["peer"], f"failed at every point: {r['error']}")
+
     def skip(self, peer: str, where: str, reason: str) -> None:
         """A point left out by design (quick mode, a memory limit): not a missing peer."""
         self.skipped.append({"peer": peer, "where": where, "reason": reason})
