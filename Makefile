@@ -6,11 +6,23 @@ PYTHON ?= python3
 VENV   := .venv
 VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-# Time budget (seconds) for the Triton kernel tests, which run under the slow interpreter here.
-KERNEL_TEST_BUDGET ?= 900
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast test-kernels demo gpu-check bench clean
+# `make test` runs the suites below one after the other. Each suite is a pytest marker (declared
+# in pyproject.toml) with its own time budget in seconds (wall clock, 2 cores, cold caches); a
+# suite that outgrows its budget fails instead of slowing CI down unnoticed. The "unit" suite is
+# every test that carries none of the other markers (and is not a GPU test).
+SUITES := unit attention_kernel ce_kernel static_check
+BUDGET_unit             ?= 600
+BUDGET_attention_kernel ?= 1200
+BUDGET_ce_kernel        ?= 600
+BUDGET_static_check     ?= 300
+OTHER_MARKERS := $(filter-out unit,$(SUITES))
+empty :=
+space := $(empty) $(empty)
+MARK_unit := not ($(subst $(space), or ,$(OTHER_MARKERS)))
+
+.PHONY: install test test-fast demo gpu-check bench clean $(addprefix test-,$(SUITES))
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -20,16 +32,21 @@ $(STAMP): setup.py pyproject.toml
 
 install: $(STAMP)
 
-# Everything but the interpreted kernel tests, then the kernel tests under their own budget.
 test: install
-	$(VPY) -m pytest -q -m "not kernel" $(PYTEST_ARGS)
-	$(MAKE) --no-print-directory test-kernels
+	@for s in $(SUITES); do $(MAKE) --no-print-directory test-$$s || exit 1; done
+
+# One suite: `make test-attention_kernel PYTEST_ARGS="-k gqa"`. Exit status 5 (no test
+# selected, e.g. a -k that matches nothing in this suite) is not a failure.
+$(addprefix test-,$(SUITES)): test-%: install
+	@echo "== suite $* (budget $(BUDGET_$*) s)"
+	@start=$$(date +%s); \
+	timeout $(BUDGET_$*) $(VPY) -m pytest -q -m "$(or $(MARK_$*),$*)" $(PYTEST_ARGS); rc=$$?; \
+	echo "== suite $* took $$(( $$(date +%s) - start )) s (budget $(BUDGET_$*) s)"; \
+	if [ $$rc -eq 124 ]; then echo "== suite $* exceeded its budget"; fi; \
+	[ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 test-fast: install
-	$(VPY) -m pytest -q -m "not kernel and not slow" $(PYTEST_ARGS)
-
-test-kernels: install
-	TRITON_INTERPRET=1 timeout $(KERNEL_TEST_BUDGET) $(VPY) -m pytest -q -m "kernel" $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -m "$(MARK_unit) and not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(VPY) -m gptfast.demo

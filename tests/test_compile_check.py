@@ -19,7 +19,7 @@ def _launched_kernels(path: Path):
     return [name for name in jitted if re.search(rf"\b{name}\[", src)]
 
 
-@pytest.mark.kernel
+@pytest.mark.static_check
 def test_compile_check_quick():
     kernels = (_launched_kernels(ROOT / "kernels" / "attention.py")
                + _launched_kernels(ROOT / "kernels" / "cross_entropy.py"))

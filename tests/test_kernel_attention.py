@@ -26,7 +26,7 @@ HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
 gpu_only = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.attention_kernel
 
 ATOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 GRAD_ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

@@ -27,7 +27,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 IGNORE = -100
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.ce_kernel
 
 
 @pytest.fixture(autouse=True)

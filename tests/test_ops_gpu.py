@@ -9,7 +9,7 @@ from gptfast.kernels import attention as attn_kernels
 from gptfast.kernels import cross_entropy as ce_kernels
 from gptfast.model import GPT, get_config
 
-pytestmark = [pytest.mark.gpu, pytest.mark.kernel]
+pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
 
 

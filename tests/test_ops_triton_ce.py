@@ -1,5 +1,5 @@
-"""The public ops on backend="triton": the kernels behind the custom ops, autograd, opcheck,
-torch.compile, and the GPT model dispatching to them. On CPU this runs under
+"""The public cross-entropy ops on backend="triton": the kernels behind the custom ops, autograd,
+opcheck, torch.compile, and the GPT model dispatching to them. On CPU this runs under
 TRITON_INTERPRET=1 (tests/conftest.py), with small shapes."""
 import pytest
 import torch
@@ -9,7 +9,7 @@ from gptfast.kernels import cross_entropy as ce_kernels
 from gptfast.model import GPT, get_config
 from oracles import cross_entropy_oracle
 
-pytestmark = pytest.mark.kernel
+pytestmark = pytest.mark.ce_kernel
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -123,75 +123,3 @@ def test_gpt_model_loss_dispatches_to_the_triton_kernel():
     ref_model.load_state_dict(model.state_dict())
     _, ref = ref_model(idx, targets=idx.roll(-1, 1))
     torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)
-
-
-# ---- attention ------------------------------------------------------------------------------------
-
-from gptfast.kernels import attention as attn_kernels  # noqa: E402
-from oracles import attention_oracle  # noqa: E402
-
-
-@pytest.fixture
-def poison_attention(monkeypatch):
-    monkeypatch.setattr(attn_kernels, "POISON_OUTPUTS", True)
-
-
-@pytest.mark.parametrize("kw", [dict(), dict(Hkv=1, padding=True), dict(Sq=9, alibi=True),
-                                dict(window=5, deterministic=True)], ids=str)
-def test_attention_triton_through_the_public_api(kw, poison_attention):
-    kw = dict(kw)
-    B, Hq, Sq, Sk, d = 2, 2, kw.pop("Sq", 21), 21, 32
-    Hkv = kw.pop("Hkv", 2)
-    q = torch.randn(B, Hq, Sq, d, device=DEVICE, requires_grad=True)
-    k = torch.randn(B, Hkv, Sk, d, device=DEVICE, requires_grad=True)
-    v = torch.randn(B, Hkv, Sk, d, device=DEVICE, requires_grad=True)
-    opts = dict(causal=True)
-    if kw.pop("padding", False):
-        mask = torch.ones(B, Sk, dtype=torch.bool, device=DEVICE)
-        mask[0, :4] = False
-        opts["key_padding_mask"] = mask
-    if kw.pop("alibi", False):
-        opts["alibi_slopes"] = torch.rand(Hq, device=DEVICE) + 0.1
-    opts.update(kw)
-    before = attn_kernels.LAUNCHES["attention_bwd"]
-    out, lse = gptfast.attention(q, k, v, return_lse=True, backend="triton", **opts)
-    g = torch.randn_like(out)
-    # the lse is differentiable too: its gradient flows through the kernel's dlse input
-    lse_term = torch.where(lse.isfinite(), lse, 0.0).sum()
-    got = torch.autograd.grad((out * g).sum() + lse_term, (q, k, v))
-    assert attn_kernels.LAUNCHES["attention_bwd"] == before + 1
-    opts.pop("deterministic", None)
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = gptfast.attention(qd, kd, vd, return_lse=True, backend="torch", **opts)
-    want = torch.autograd.grad((ref_out * g.double()).sum()
-                               + torch.where(ref_lse.isfinite(), ref_lse, 0.0).sum(), (qd, kd, vd))
-    oracle_out, _ = attention_oracle(q.detach(), k.detach(), v.detach(), **opts)
-    torch.testing.assert_close(out.double(), oracle_out, atol=2e-5, rtol=1e-4)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a.double(), e, atol=5e-5, rtol=1e-4)
-
-
-def test_opcheck_triton_attention_ops():
-    q = torch.randn(1, 2, 9, 32, device=DEVICE, requires_grad=True)
-    k = torch.randn(1, 1, 13, 32, device=DEVICE, requires_grad=True)
-    v = torch.randn(1, 1, 13, 32, device=DEVICE, requires_grad=True)
-    args = (q, k, v, None, None, None, True, 0.2, None, 0.0, False, "triton")
-    torch.library.opcheck(torch.ops.gptfast.attention_fwd, args)
-
-
-def test_gpt_model_attention_dispatches_to_triton_and_compiles():
-    torch._dynamo.reset()
-    cfg = get_config("tiny", n_layer=2, n_head=2, block_size=16, backend="triton")
-    model = GPT(cfg).to(DEVICE)
-    idx = torch.randint(0, cfg.vocab_size, (2, 16), device=DEVICE)
-    fwd, bwd = attn_kernels.LAUNCHES["attention_fwd"], attn_kernels.LAUNCHES["attention_bwd"]
-    compiled = torch.compile(model, fullgraph=True)
-    _, loss = compiled(idx, targets=idx.roll(-1, 1))
-    loss.backward()
-    # one launch per layer, forward and backward: nothing fell back to the reference
-    assert attn_kernels.LAUNCHES["attention_fwd"] == fwd + cfg.n_layer
-    assert attn_kernels.LAUNCHES["attention_bwd"] == bwd + cfg.n_layer
-    ref = GPT(get_config("tiny", n_layer=2, n_head=2, block_size=16, backend="torch")).to(DEVICE)
-    ref.load_state_dict(model.state_dict())
-    _, ref_loss = ref(idx, targets=idx.roll(-1, 1))
-    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
