@@ -4,7 +4,8 @@ Backends, in the order `"auto"` tries them:
   "cuda"   - CUDA C++ kernels from `csrc/`, built as the extension `gptfast._C`;
   "triton" - Triton kernels from `kernels/` (on CUDA tensors; on CPU tensors only when
              TRITON_INTERPRET=1 was set before Triton was imported, which is how CI tests them,
-             and only when asked for by name: "auto" never runs the interpreter);
+             and only when asked for by name: "auto" never runs the interpreter; bf16 there
+             only where the interpreter computes it right, see kernels/_interpreter.py);
   "torch"  - the plain-PyTorch reference (`reference.py`): every option, every device.
 
 Each op module registers, per kernel backend, a function that looks at the op's inputs and
@@ -83,6 +84,18 @@ def _triton_version() -> Optional[str]:
     return _probe_triton()
 
 
+@torch.compiler.assume_constant_result
+def interpreter_bf16_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run bf16 kernels here, or None when it can. The
+    interpreter computes bf16 wrongly in Triton 3.6-3.8; `gptfast.kernels._interpreter` checks
+    the installed one with a self-test and fixes it (once, on the first bf16 question)."""
+    try:
+        from gptfast.kernels import _interpreter
+    except ImportError as e:  # pragma: no cover - Triton present but its internals moved
+        return f"the interpreter's bf16 check failed to import ({e})"
+    return _interpreter.bf16_problem()
+
+
 def triton_unavailable(device: torch.device) -> Optional[str]:
     if _triton_version() is None:
         return "Triton is not installed"
@@ -137,6 +150,9 @@ def choose(op: str, requested: str, device: torch.device, inputs: dict) -> Decis
                     why = support(inputs)
                 except ImportError as e:  # a kernel module that fails to import
                     why = f"the {name} kernels for {op} failed to import ({e})"
+            if why is None and name == "triton" and interpreter_enabled() \
+                    and inputs.get("dtype") == torch.bfloat16:
+                why = interpreter_bf16_problem()
         reasons[name] = why
 
     if requested == "auto":
@@ -183,6 +199,13 @@ def report() -> str:
         lines.append("GPU     none")
         device = torch.device("cpu")
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    if interpreter_enabled() and _triton_version() is not None:
+        why = interpreter_bf16_problem()
+        from gptfast.kernels import _interpreter
+        lines.append("  bf16 under the interpreter: " + (
+            f"refused: {why}" if why else
+            {"native": "right as installed (self-test passed)",
+             "patched": "made right by gptfast's fix (self-test passed)"}[_interpreter.bf16_state()]))
     lines.append(f"backends on {device.type} (besides 'torch', which runs everything):")
     for op in sorted(set(_PLANNERS) | set(_SUPPORT)):
         for name in KERNEL_BACKENDS:
