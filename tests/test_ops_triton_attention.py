@@ -77,3 +77,46 @@ def test_gpt_model_attention_dispatches_to_triton_and_compiles():
     ref.load_state_dict(model.state_dict())
     _, ref_loss = ref(idx, targets=idx.roll(-1, 1))
     torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(Hkv=1, padding=True, window=7),
+                                dict(alibi=True, deterministic=True)], ids=str)
+def test_attention_triton_bf16_through_the_public_api(kw):
+    """bf16 on backend="triton" (on CPU: the interpreter, made right for bf16 by gptfast):
+    FlashAttention's rule against float64, with PyTorch's own bf16 eager attention as the
+    yardstick: out and lse within 2x its error, gradients within 3x."""
+    from _attention_ref import attention_ref
+    from _tolerance import assert_rule
+    kw = dict(kw)
+    B, Hq, S, d = 2, 2, 40, 32
+    Hkv = kw.pop("Hkv", Hq)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, S, d, generator=gen).to(DEVICE, torch.bfloat16)
+               for h in (Hq, Hkv, Hkv))
+    opts = dict(causal=True, window=kw.pop("window", None))
+    if kw.pop("padding", False):
+        mask = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+        mask[0, :5] = False
+        opts["key_padding_mask"] = mask
+    if kw.pop("alibi", False):
+        opts["alibi_slopes"] = torch.rand(Hq, generator=gen).to(DEVICE) + 0.1
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = gptfast.attention(*leaves, return_lse=True, backend="triton", **opts, **kw)
+    assert out.dtype == torch.bfloat16
+    g_out = torch.randn(out.shape, generator=gen).to(DEVICE, torch.bfloat16)
+    g_lse = torch.randn(lse.shape, generator=gen).to(DEVICE)
+    got = torch.autograd.grad([out, torch.where(lse.isfinite(), lse, 0.0)], leaves,
+                              [g_out, g_lse])
+
+    ref_opts = dict(opts, softmax_scale=d ** -0.5)
+    results = []
+    for dt in (torch.float64, torch.bfloat16):  # the oracle, then PyTorch eager in bf16
+        ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, l_ = attention_ref(*ls, **ref_opts, dtype=dt)
+        grads = torch.autograd.grad([o, torch.where(l_.isfinite(), l_, 0.0)], ls,
+                                    [g_out.to(dt), g_lse.to(dt)])
+        results.append((o, l_, *grads))
+    for name, got_t, ref, eager, mult in zip(("out", "lse", "dq", "dk", "dv"),
+                                             (out, lse, *got), *results, (2, 2, 3, 3, 3)):
+        assert_rule(name, got_t, ref, eager.float() if name == "lse" else eager, mult,
+                    8e-3 if mult == 2 else 1.6e-2)
