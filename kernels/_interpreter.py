@@ -32,8 +32,11 @@ that, for bf16 operands, it widens them exactly to fp32, computes, and rounds re
 types as bf16 back to bf16 with round-to-nearest-even:
   - `tl.dot`: bf16 operands widened to fp32, product accumulated in fp32 (what tensor cores do;
     numpy's fp32 matmul);
-  - elementwise binary ops, comparisons, min/max, clamp, unary ops, fma, casts to and from bf16
-    (fp32 -> bf16 rounds to nearest even, NaN stays NaN; rtz when asked), `get_bf16` constants;
+  - elementwise binary ops, comparisons, min/max, clamp, unary ops, fma (one rounding), casts
+    to and from bf16 (fp32 -> bf16 rounds to nearest even, NaN stays NaN; rtz when asked),
+    `get_bf16` constants (`tl.full`, `bf16 * 1.3`: missing from the interpreter, it crashed).
+    Triton's math functions (exp, exp2, log, sqrt, ...) take only fp32/fp64, so kernels cast
+    bf16 to fp32 before them; the unary wrapper would compute them in fp32 and round once;
     for +, -, *, / and sqrt the fp32 result rounded to bf16 is exactly the correctly rounded bf16
     result (fp32 has 24 >= 2*8 + 2 significand bits, so double rounding is innocuous); sources
     wider than fp32 (fp64, large ints) are rounded to fp32 with round-to-odd first, which keeps
@@ -52,6 +55,7 @@ What the CPU then proves, and what it cannot: see DEVELOPERS.md ("bf16 under the
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 from typing import List, Optional
@@ -123,7 +127,8 @@ def to_bf16_bits(x, round_to_zero: bool = False) -> np.ndarray:
 # The patch
 # ============================================================================================
 
-# Names the patch wraps; if the installed interpreter lacks one, the patch is not applied.
+# Builder methods the patch wraps or relies on; if the installed interpreter lacks one, the patch
+# is not applied (and bf16 is refused).
 _BUILDER_METHODS = ("binary_op", "ternary_op", "unary_op", "create_fma", "create_erf",
                     "create_rsqrt", "create_dot", "cast_impl", "create_fp_to_fp",
                     "create_atomic_rmw", "create_masked_load", "create_masked_store")
@@ -201,7 +206,7 @@ def _apply_patch() -> None:
     def create_erf(self, arg):
         if not is_bf16(arg):
             return orig["create_erf"](self, arg)
-        return result(ti.np_erf_fp32(widen(arg)))
+        return result(np.vectorize(math.erf, otypes=[np.float32])(widen(arg)))
 
     def create_rsqrt(self, arg):
         if not is_bf16(arg):
@@ -434,7 +439,9 @@ def _decide() -> None:
 def bf16_problem() -> Optional[str]:
     """None when bf16 kernels compute right under this process's interpreter (running the
     self-test, and the fix when needed, on the first call); else a sentence saying why not.
-    Only meaningful with TRITON_INTERPRET=1."""
+    Without TRITON_INTERPRET=1 there is no interpreter to fix: None."""
+    if not interpreting():
+        return None
     with _lock:
         if _state is None:
             _decide()

@@ -89,7 +89,7 @@ def test_dot_bf16_is_a_bf16_to_fp32_matmul(trans_b):
 
 
 @triton.jit
-def _elementwise_kernel(X, Y, OUT, CMP, N: tl.constexpr):
+def _elementwise_kernel(X, Y, Z, OUT, CMP, N: tl.constexpr):
     r = tl.arange(0, N)
     x = tl.load(X + r)
     y = tl.load(Y + r)
@@ -105,6 +105,9 @@ def _elementwise_kernel(X, Y, OUT, CMP, N: tl.constexpr):
     tl.store(OUT + 9 * N + r, tl.abs(x))
     tl.store(OUT + 10 * N + r, tl.where(x > y, x, y * 2.0))
     tl.store(OUT + 11 * N + r, tl.full([N], 3.3, tl.bfloat16))
+    tl.store(OUT + 12 * N + r, tl.clamp(x, -0.5, 0.5))
+    z = tl.load(Z + r)  # moderate magnitudes: x * y + z is exact in float64
+    tl.store(OUT + 13 * N + r, tl.fma(z, z * 0.5, y))
     tl.store(CMP + 0 * N + r, (x < y).to(tl.int8))
     tl.store(CMP + 1 * N + r, (x == y).to(tl.int8))
     tl.store(CMP + 2 * N + r, (x >= 0.5).to(tl.int8))
@@ -125,15 +128,22 @@ def test_elementwise_and_comparisons_round_like_torch():
     x, y = _bf16_samples(N, gen), _bf16_samples(N, gen)
     y[y == 0] = 1.5
     y[10], x[10] = x[10], x[10]  # an equal pair for ==
-    out = torch.full((12, N), float("nan")).to(BF16)
+    z = torch.randn(N, generator=gen).to(BF16)
+    out = torch.full((14, N), float("nan")).to(BF16)
     cmp = torch.full((3, N), -1, dtype=torch.int8)
-    _elementwise_kernel[(1,)](x, y, out, cmp, N=N)
+    _elementwise_kernel[(1,)](x, y, z, out, cmp, N=N)
     c = lambda v: torch.tensor(v).to(BF16)  # noqa: E731 - a Python float as Triton types it
     want = [x + y, x - y, x * y, x / y, x * c(0.1), x + c(1.0), torch.maximum(x, y),
             torch.minimum(x, y), -x, x.abs(), torch.where(x > y, x, y * c(2.0)),
-            torch.full((N,), 3.3).to(BF16)]
+            torch.full((N,), 3.3).to(BF16), x.clamp(-0.5, 0.5)]
     for i, w in enumerate(want):
         assert torch.equal(_bits(out[i]), _bits(w)), (i, out[i][:8], w[:8])
+    # fma: one rounding of the exact z * (z/2) + y (Triton fuses; torch would round twice).
+    half = (z * c(0.5)).double()
+    want_fma = [_nearest_bf16(a * b + d) for a, b, d in
+                zip(z.double().tolist(), half.tolist(), y.double().tolist())]
+    ok = y.double().abs() < 2.0 ** 20  # keep the exactness of the float64 sum
+    assert torch.equal(out[13][ok].double(), torch.tensor(want_fma, dtype=torch.float64)[ok])
     assert torch.equal(cmp[0], (x < y).to(torch.int8))
     assert torch.equal(cmp[1], (x == y).to(torch.int8))
     assert torch.equal(cmp[2], (x >= 0.5).to(torch.int8))
