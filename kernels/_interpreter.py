@@ -263,7 +263,8 @@ def _apply_patch() -> None:
         u16 = np.dtype(np.uint16)
 
         def load(p):
-            return ti._interpreter.load(p, np.ones(p.shape, bool), np.zeros(p.shape, np.uint16), u16)
+            return ti._interpreter.load(p, np.ones(p.shape, bool),
+                                        np.zeros(p.shape, np.uint16), u16)
 
         if len(np.unique(ptrs[idx])) == len(idx):  # distinct addresses: one vectorized step
             cur = load(ptrs[idx])

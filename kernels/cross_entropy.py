@@ -25,10 +25,11 @@ lean (memory_budget None or <= LEAN_MAX_BUDGET = 64 MiB; the default)
               FLOPs 2NDV. Bytes: H and W re-read from L2/HBM per tile ~ b(V D N/BLOCK_N +
               N D V/BLOCK_V); extra memory 16 * N * splits bytes. The vocab split exists only
               to fill the GPU when N/BLOCK_N is small.
-    backward: one kernel, grid (row tiles x vocab tiles, on one axis). Each program recomputes its logit
-              tile (2NDV total), forms the fp32 gradient tile G in registers, casts it to the
-              input dtype for the tensor cores (fp32 accumulation), and for each D chunk adds
-              G @ W[vtile] into dH and G^T @ H[rows] into dW with fp32 atomics (4NDV).
+    backward: one kernel, grid (row tiles x vocab tiles, folded onto one axis). Each program
+              recomputes its logit tile (2NDV total), forms the fp32 gradient tile G in
+              registers, casts it to the input dtype for the tensor cores (fp32 accumulation),
+              and for each D chunk adds G @ W[vtile] into dH and G^T @ H[rows] into dW with
+              fp32 atomics (4NDV).
               FLOPs 6NDV backward, 8NDV forward + backward. Extra memory: fp32 accumulators
               for dH and dW (4(N+V)D bytes) when the inputs are 16-bit (fp32 inputs accumulate
               straight into the outputs). Atomic traffic 4 N V D (1/BLOCK_N + 1/BLOCK_V) bytes

@@ -202,10 +202,10 @@ def report() -> str:
     if interpreter_enabled() and _triton_version() is not None:
         why = interpreter_bf16_problem()
         from gptfast.kernels import _interpreter
-        lines.append("  bf16 under the interpreter: " + (
-            f"refused: {why}" if why else
-            {"native": "right as installed (self-test passed)",
-             "patched": "made right by gptfast's fix (self-test passed)"}[_interpreter.bf16_state()]))
+        state = {"native": "right as installed (self-test passed)",
+                 "patched": "made right by gptfast's fix (self-test passed)"}
+        lines.append("  bf16 under the interpreter: "
+                     + (f"refused: {why}" if why else state[_interpreter.bf16_state()]))
     lines.append(f"backends on {device.type} (besides 'torch', which runs everything):")
     for op in sorted(set(_PLANNERS) | set(_SUPPORT)):
         for name in KERNEL_BACKENDS:
