@@ -172,3 +172,31 @@ for _backend in KERNEL_BACKENDS:
 def op(backend: str, name: str) -> "torch._ops.OpOverload":
     """The OpOverload `torch.ops.gptfast.<backend>_<name>.default`."""
     return getattr(getattr(torch.ops, NAMESPACE), f"{backend}_{name}").default
+
+
+# ---- calling an op ---------------------------------------------------------------------------
+
+# (backend, op name) -> the OpOverload, and -> the Python function registered as its kernel
+# (Triton's), which an eager call on plain tensors may run without the dispatcher.
+OPS = {(b, name): op(b, name) for b in KERNEL_BACKENDS for name in SCHEMAS}
+PY_KERNELS: dict = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def kernel(backend: str, name: str, *tensors):
+    """What an autograd.Function calls for `gptfast::<backend>_<name>`.
+
+    The op itself, except in the one case where the dispatcher adds nothing but its cost: a
+    Python kernel (Triton's; boxing its ~10 arguments into and out of the dispatcher costs
+    ~7 us a call, as much as the rest of the boundary) called eagerly on plain tensors, with no
+    dispatch mode (fake tensors, tracing, FlopCounter) or functorch transform active. Then the
+    kernel function runs directly. torch.compile, export, opcheck and C++ kernels always go
+    through the op.
+    """
+    py = PY_KERNELS.get((backend, name))
+    if (py is not None and not torch.compiler.is_compiling()
+            and all(type(t) in _PLAIN for t in tensors)
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()):
+        return py
+    return OPS[(backend, name)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._library import NAMESPACE, REDUCTION
+from ._library import NAMESPACE, PY_KERNELS, REDUCTION
 
 _REDUCTION_NAME = {v: k for k, v in REDUCTION.items()}
 _attention = None
@@ -127,3 +127,4 @@ _LIB = torch.library.Library(NAMESPACE, "IMPL")  # held: dropping it deregisters
 for _name, _fn in IMPLS.items():
     for _key in ("CUDA", "CPU"):
         _LIB.impl(f"triton_{_name}", _fn, _key)
+    PY_KERNELS[("triton", _name)] = _fn  # see _library.kernel: eager calls may skip the dispatcher

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import (FLOAT_DTYPES, check_range, check_same_device, check_same_dtype,
-                      check_tensor, follow_autocast)
-from ._library import KERNEL_BACKENDS, op
+from ._checks import (FLOAT_DTYPES, autocast_on, check_range, check_same_device,
+                      check_same_dtype, check_tensor, follow_autocast)
+from ._library import kernel
 
 OP = "attention"
 
@@ -44,8 +44,10 @@ def head_span(t: Tensor) -> int:
 
 
 def facts(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool) -> Facts:
-    span = max(head_span(q), head_span(k), head_span(v))
-    return Facts(q.dtype, q.shape[-1], needs_grad, span.bit_length())
+    d = q.shape[3]
+    span = max((q.shape[2] - 1) * q.stride(2), (k.shape[2] - 1) * k.stride(2),
+               (v.shape[2] - 1) * v.stride(2)) + d  # head_span of the widest
+    return Facts(q.dtype, d, needs_grad, span.bit_length())
 
 
 def _triton_support(f: Facts) -> Optional[str]:
@@ -68,10 +70,6 @@ backends.register_support(OP, "triton", _triton_support)
 
 # ---- autograd around the ops --------------------------------------------------------------------
 
-_FWD = {b: op(b, "attention_fwd") for b in KERNEL_BACKENDS}
-_BWD = {b: op(b, "attention_bwd") for b in KERNEL_BACKENDS}
-
-
 class _Attention(torch.autograd.Function):
     """out, lse = gptfast::<backend>_attention_fwd(...), differentiable in q, k, v (and through
     lse). The ops themselves have no autograd: this Function is the only place it lives."""
@@ -79,8 +77,9 @@ class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale,
                 window, dropout_p, deterministic, backend):
-        out, lse = _FWD[backend](q, k, v, alibi_slopes, key_padding_mask, seed, causal,
-                                 softmax_scale, window, dropout_p)
+        out, lse = kernel(backend, "attention_fwd", q, k, v)(
+            q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale, window,
+            dropout_p)
         ctx.set_materialize_grads(False)  # an unused output (often lse) gets None, not zeros
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, key_padding_mask, seed)
         ctx.args = (causal, softmax_scale, window, dropout_p, deterministic, backend)
@@ -94,28 +93,38 @@ class _Attention(torch.autograd.Function):
         causal, softmax_scale, window, dropout_p, deterministic, backend = ctx.args
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
-        dq, dk, dv = _BWD[backend](dout, dlse, q, k, v, out, lse, alibi_slopes,
-                                   key_padding_mask, seed, causal, softmax_scale, window,
-                                   dropout_p, deterministic)
+        dq, dk, dv = kernel(backend, "attention_bwd", dout, q)(
+            dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed, causal,
+            softmax_scale, window, dropout_p, deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 # ---- public function ----------------------------------------------------------------------------
 
 def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask, dropout_p):
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hq, Sq, d)")
-    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
-    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
-    device = check_same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes,
-                               key_padding_mask=key_padding_mask)
+    """Every argument check, on metadata only; returns the device. Each `if` tests the common
+    case in one expression and only on failure calls the helpers that name the culprit."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in FLOAT_DTYPES
+            and k.dtype in FLOAT_DTYPES and v.dtype in FLOAT_DTYPES):
+        check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hq, Sq, d)")
+        check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
+        check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
+    device = q.device
+    if not (k.device == device and v.device == device
+            and (alibi_slopes is None or alibi_slopes.device == device)
+            and (key_padding_mask is None or key_padding_mask.device == device)):
+        check_same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes,
+                          key_padding_mask=key_padding_mask)
     B, Hq, Sq, d = q.shape
-    if k.shape != v.shape:
+    kshape = k.shape
+    if kshape != v.shape:
         raise ValueError(f"k and v: expected the same shape (B, Hkv, Sk, d), got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != d:
+    _, Hkv, Sk, dk = kshape
+    if kshape[0] != B or dk != d:
         raise ValueError(f"k: expected shape ({B}, Hkv, Sk, {d}) to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
-    Hkv, Sk = k.shape[1], k.shape[2]
+                         f"got {tuple(kshape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"k: the number of key/value heads ({Hkv}) must divide the number of "
                          f"query heads ({Hq}) (grouped-query attention)")
@@ -142,7 +151,8 @@ def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mas
         if tuple(key_padding_mask.shape) != (B, Sk):
             raise ValueError(f"key_padding_mask: expected shape ({B}, {Sk}), got "
                              f"{tuple(key_padding_mask.shape)}")
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_open=True)
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_open=True)
     return device
 
 
@@ -151,8 +161,11 @@ def _plan(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window
           backend="auto"):
     device = _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask,
                     dropout_p)
-    q, k, v = follow_autocast(device, q, k, v)
-    check_same_dtype(q=q, k=k, v=v)
+    if autocast_on():
+        q, k, v = follow_autocast(device, q, k, v)
+    dtype = q.dtype
+    if k.dtype != dtype or v.dtype != dtype:
+        check_same_dtype(q=q, k=k, v=v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
     return backends.choose(OP, backend, device, facts(q, k, v, needs_grad)), (q, k, v), needs_grad
@@ -227,8 +240,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         out, lse = _Attention.apply(q, k, v, slopes, mask, seed, causal, scale, window,
                                     float(dropout_p), bool(deterministic), decision.backend)
     else:  # inference (or nothing requires grad): no autograd node at all
-        out, lse = _FWD[decision.backend](q, k, v, slopes, mask, seed, causal, scale, window,
-                                          float(dropout_p))
+        out, lse = kernel(decision.backend, "attention_fwd", q, k, v)(
+            q, k, v, slopes, mask, seed, causal, scale, window, float(dropout_p))
     return (out, lse) if return_lse else out
 
 

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import (FLOAT_DTYPES, check_choice, check_range, check_same_device,
-                      check_same_dtype, check_tensor, follow_autocast)
-from ._library import KERNEL_BACKENDS, REDUCTION, op
+from ._checks import (FLOAT_DTYPES, autocast_on, check_choice, check_range,
+                      check_same_device, check_same_dtype, check_tensor, follow_autocast)
+from ._library import REDUCTION, kernel
 
 REDUCTIONS = ("mean", "sum", "none")
 LEAN_BUDGET = 64 << 20  # bytes: the lean schedule's working set, and the default budget
@@ -89,21 +89,6 @@ def _torch_lce_fwd_grad(hidden, weight, targets, bias, ignore_index, label_smoot
     return loss, lse, dh, dw, db if db is not None else hidden.new_empty(0)
 
 
-def _impls(name: str, torch_impl=None) -> dict:
-    table = {b: op(b, name) for b in KERNEL_BACKENDS}
-    if torch_impl is not None:
-        table["torch"] = torch_impl
-    return table
-
-
-_CE_FWD = _impls("cross_entropy_fwd")
-_CE_BWD = _impls("cross_entropy_bwd")
-_CE_BWD_INPLACE = _impls("cross_entropy_bwd_")
-_LCE_FWD = _impls("linear_cross_entropy_fwd", _torch_lce_fwd)
-_LCE_BWD = _impls("linear_cross_entropy_bwd", _torch_lce_bwd)
-_LCE_FWD_GRAD = _impls("linear_cross_entropy_fwd_grad", _torch_lce_fwd_grad)
-
-
 # ---- reduction inside the Functions (no autograd nodes for sum / divide) ------------------------
 
 def _reduce(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: str):
@@ -133,8 +118,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, label_smoothing, z_loss, softcap, reduction,
                 inplace_backward, backend):
-        loss_rows, lse = _CE_FWD[backend](logits, targets, ignore_index, label_smoothing,
-                                          z_loss, softcap)
+        loss_rows, lse = kernel(backend, "cross_entropy_fwd", logits)(
+            logits, targets, ignore_index, label_smoothing, z_loss, softcap)
         loss, count = _reduce(loss_rows, targets, ignore_index, reduction)
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
         ctx.save_for_backward(logits, targets, lse, count)
@@ -149,10 +134,12 @@ class _CrossEntropy(torch.autograd.Function):
         logits, targets, lse, count = ctx.saved_tensors
         g = _grad_rows(grad_loss, count, ctx.reduction, logits.shape[0])
         if ctx.inplace_backward:
-            _CE_BWD_INPLACE[ctx.backend](g, grad_lse, logits, targets, lse, *ctx.args)
+            kernel(ctx.backend, "cross_entropy_bwd_", logits)(g, grad_lse, logits, targets, lse,
+                                                             *ctx.args)
             dlogits = logits
         else:
-            dlogits = _CE_BWD[ctx.backend](g, grad_lse, logits, targets, lse, *ctx.args)
+            dlogits = kernel(ctx.backend, "cross_entropy_bwd", logits)(
+                g, grad_lse, logits, targets, lse, *ctx.args)
         return dlogits, None, None, None, None, None, None, None, None
 
 
@@ -166,7 +153,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if backend == "torch":
             loss_rows, lse = _torch_lce_fwd(hidden, weight, targets, bias, *opts, memory_budget)
         else:
-            loss_rows, lse = _LCE_FWD[backend](hidden, weight, targets, bias, *opts)
+            loss_rows, lse = kernel(backend, "linear_cross_entropy_fwd", hidden, weight)(
+                hidden, weight, targets, bias, *opts)
         loss, count = _reduce(loss_rows, targets, ignore_index, reduction)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, targets, bias, lse, count)
@@ -184,8 +172,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dh, dw, db = _torch_lce_bwd(g, grad_lse, hidden, weight, targets, bias, lse,
                                         *ctx.args, ctx.memory_budget)
         else:
-            dh, dw, db = _LCE_BWD[ctx.backend](g, grad_lse, hidden, weight, targets, bias, lse,
-                                               *ctx.args)
+            dh, dw, db = kernel(ctx.backend, "linear_cross_entropy_bwd", hidden, weight)(
+                g, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
         return (dh, dw, None, db if bias is not None else None,
                 None, None, None, None, None, None, None)
 
@@ -200,8 +188,12 @@ class _LinearCrossEntropyBudgeted(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
                 softcap, reduction, memory_budget, backend):
         opts = (ignore_index, label_smoothing, z_loss, softcap)
-        loss, lse, dh, dw, db = _LCE_FWD_GRAD[backend](
-            hidden, weight, targets, bias, *opts, REDUCTION[reduction], memory_budget)
+        if backend == "torch":
+            fwd_grad = _torch_lce_fwd_grad
+        else:
+            fwd_grad = kernel(backend, "linear_cross_entropy_fwd_grad", hidden, weight)
+        loss, lse, dh, dw, db = fwd_grad(hidden, weight, targets, bias, *opts,
+                                         REDUCTION[reduction], memory_budget)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, targets, bias, lse, dh, dw, db)
         ctx.args = opts
@@ -222,8 +214,8 @@ class _LinearCrossEntropyBudgeted(torch.autograd.Function):
                 eh, ew, eb = _torch_lce_bwd(None, grad_lse, hidden, weight, targets, bias, lse,
                                             *ctx.args, ctx.memory_budget)
             else:
-                eh, ew, eb = _LCE_BWD[ctx.backend](None, grad_lse, hidden, weight, targets,
-                                                   bias, lse, *ctx.args)
+                eh, ew, eb = kernel(ctx.backend, "linear_cross_entropy_bwd", hidden, weight)(
+                    None, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
             dh, dw, db = dh + eh, dw + ew, db + eb
         return (dh, dw, None, db if bias is not None else None,
                 None, None, None, None, None, None, None)
@@ -232,6 +224,9 @@ class _LinearCrossEntropyBudgeted(torch.autograd.Function):
 # ---- public functions ------------------------------------------------------------------------
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    if (type(ignore_index) is int and reduction in REDUCTIONS and label_smoothing == 0.0
+            and z_loss == 0.0 and softcap is None):
+        return  # the defaults: nothing more to look at
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     check_choice("reduction", reduction, REDUCTIONS)
@@ -244,11 +239,13 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
 
 def _check_targets(targets: Tensor, lead_shape, V: int, ignore_index: int, validate: bool,
                    arg: str) -> Tensor:
-    check_tensor("targets", targets, dtypes=INT_DTYPES)
-    if tuple(targets.shape) != tuple(lead_shape):
+    if not (isinstance(targets, Tensor) and targets.dtype in INT_DTYPES):
+        check_tensor("targets", targets, dtypes=INT_DTYPES)
+    if targets.shape != lead_shape:
         raise ValueError(f"targets: expected shape {tuple(lead_shape)} (the leading dims of "
                          f"{arg}), got {tuple(targets.shape)}")
-    targets = targets.reshape(-1)
+    if targets.dim() != 1:
+        targets = targets.reshape(-1)
     if targets.dtype != torch.int64:
         targets = targets.long()
     # On the CPU the check is cheap; on a GPU it would cost a host sync, so there it runs only
@@ -282,7 +279,8 @@ def _plan_ce(logits, targets, *, ignore_index=-100, reduction="mean", label_smoo
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     t = _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, validate,
                        "logits")
-    (logits,) = follow_autocast(device, logits)
+    if autocast_on():
+        (logits,) = follow_autocast(device, logits)
     decision = backends.choose("cross_entropy", backend, device, Facts(logits.dtype))
     return decision, logits, t
 
@@ -325,39 +323,48 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
         loss, lse = _CrossEntropy.apply(x, t, *opts, reduction, bool(inplace_backward),
                                         decision.backend)
     else:
-        loss_rows, lse = _CE_FWD[decision.backend](x, t, *opts)
+        loss_rows, lse = kernel(decision.backend, "cross_entropy_fwd", x)(x, t, *opts)
         loss, _ = _reduce(loss_rows, t, ignore_index, reduction)
     return _shape(loss, lse, lead, reduction, return_lse)
 
 
 def _shape(loss, lse, lead, reduction, return_lse):
-    if reduction == "none":
-        loss = loss.view(lead)
-    return (loss, lse.view(lead)) if return_lse else loss
+    if len(lead) != 1:  # rows back to the leading dims of the input
+        if reduction == "none":
+            loss = loss.view(lead)
+        lse = lse.view(lead)
+    return (loss, lse) if return_lse else loss
 
 
 def _plan_lce(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
               label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False, validate=False,
               memory_budget=None, backend="auto"):
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="(V, D)")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden: expected shape (..., {weight.shape[1]}) to match weight "
+    if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)
+            and hidden.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+            and weight.dim() == 2):
+        check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+        check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="(V, D)")
+    V, D = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != D:
+        raise ValueError(f"hidden: expected shape (..., {D}) to match weight "
                          f"(V, D) = {tuple(weight.shape)}, got {tuple(hidden.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, what="(V,)")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape)}")
+        if bias.shape[0] != V:
+            raise ValueError(f"bias: expected shape ({V},), got {tuple(bias.shape)}")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 0):
         raise ValueError(f"memory_budget: expected None or a number of bytes >= 0, got "
                          f"{memory_budget!r}")
-    device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    device = hidden.device
+    if not (weight.device == device and isinstance(targets, Tensor) and targets.device == device
+            and (bias is None or bias.device == device)):
+        check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    t = _check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, validate,
-                       "hidden")
-    hidden, weight, bias = follow_autocast(device, hidden, weight, bias)
-    check_same_dtype(hidden=hidden, weight=weight, bias=bias)
+    t = _check_targets(targets, hidden.shape[:-1], V, ignore_index, validate, "hidden")
+    if autocast_on():
+        hidden, weight, bias = follow_autocast(device, hidden, weight, bias)
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        check_same_dtype(hidden=hidden, weight=weight, bias=bias)
     decision = backends.choose("linear_cross_entropy", backend, device, Facts(hidden.dtype))
     return decision, hidden, weight, bias, t
 
@@ -384,10 +391,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                                      softcap=softcap, validate=validate,
                                      memory_budget=memory_budget, backend=backend)
     lead = hidden.shape[:-1]
-    h = h.reshape(-1, h.shape[-1])
+    if h.dim() != 2:
+        h = h.reshape(-1, h.shape[-1])
     if h.stride(-1) != 1:
         h = h.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
     opts = (ignore_index, float(label_smoothing), float(z_loss),
             float(softcap) if softcap is not None else None)
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad
@@ -397,7 +406,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         if backend == "torch":
             loss_rows, lse = _torch_lce_fwd(h, w, t, b, *opts, memory_budget)
         else:
-            loss_rows, lse = _LCE_FWD[backend](h, w, t, b, *opts)
+            loss_rows, lse = kernel(backend, "linear_cross_entropy_fwd", h, w)(h, w, t, b, *opts)
         loss, _ = _reduce(loss_rows, t, ignore_index, reduction)
     elif memory_budget is not None and memory_budget > LEAN_BUDGET and reduction != "none":
         loss, lse = _LinearCrossEntropyBudgeted.apply(h, w, t, b, *opts, reduction,
