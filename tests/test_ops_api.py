@@ -1,5 +1,7 @@
 """The public API's contract: errors, backend choice, autocast, torch.compile and opcheck."""
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -296,3 +298,16 @@ def test_triton_declines_head_slices_beyond_32_bit_offsets():
     assert reason and "2**31" in reason
     small = torch.empty(1, 1, 3, 32, device="meta", dtype=torch.float16)
     assert _triton_support(facts(small, small, small, needs_grad=True)) is None
+
+
+# ---- import ---------------------------------------------------------------------------------------
+
+def test_import_registers_the_sdpa_provider_and_imports_neither_dynamo_nor_triton():
+    code = ("import sys, torch, gptfast; from torch.nn import attention as a; "
+            "print('gptfast' in a.list_flash_attention_impls(), a.current_flash_attention_impl(),"
+            " gptfast.sdpa.active(), 'torch._dynamo' in sys.modules, 'triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    # registered with PyTorch's registry, never activated on import; and `import gptfast` stays
+    # cheap (torch._dynamo and Triton are imported when first needed)
+    assert out == ["True", "None", "False", "False", "False"]
