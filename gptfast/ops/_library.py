@@ -194,9 +194,10 @@ def kernel(backend: str, name: str, *tensors):
     through the op.
     """
     py = PY_KERNELS.get((backend, name))
-    if (py is not None and not torch.compiler.is_compiling()
-            and all(type(t) in _PLAIN for t in tensors)
-            and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active()):
-        return py
-    return OPS[(backend, name)]
+    if (py is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()):
+        return OPS[(backend, name)]
+    for t in tensors:
+        if type(t) not in _PLAIN:  # a tensor subclass (fake, functional, DTensor, ...)
+            return OPS[(backend, name)]
+    return py

@@ -98,7 +98,8 @@ def _reduce(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: st
         return loss_rows, None
     if reduction == "sum":
         return loss_rows.sum(), None
-    count = (targets != ignore_index).sum()
+    # the count in the loss's dtype: no type promotion in the divisions here and in backward
+    count = targets.ne(ignore_index).sum(dtype=loss_rows.dtype)
     return loss_rows.sum() / count, count
 
 
@@ -272,10 +273,13 @@ def _finish(loss_rows, lse, targets, lead_shape, ignore_index, reduction, return
 
 def _plan_ce(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
              z_loss=0.0, softcap=None, return_lse=False, validate=False, backend="auto"):
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    if not (isinstance(logits, Tensor) and logits.dtype in FLOAT_DTYPES):
+        check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits: expected shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-    device = check_same_device(logits=logits, targets=targets)
+    device = logits.device
+    if not (isinstance(targets, Tensor) and targets.device == device):
+        check_same_device(logits=logits, targets=targets)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     t = _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, validate,
                        "logits")
@@ -310,7 +314,8 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                               validate=validate, backend=backend)
     lead = logits.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
     opts = (ignore_index, float(label_smoothing), float(z_loss),
