@@ -29,7 +29,8 @@ facts, so a backward always pairs with the forward that produced its lse.
 Outputs match each op's meta registration (what torch.compile trusts): out and the gradients
 in the memory order of query/key/value (`empty_like`, or the CPU ops' (B, S, H, d) order), lse
 (B, H, Sq) fp32 (the CPU op's as a (B, Sq, H) buffer seen transposed), rng_state (2,) uint64 and
-offset () uint64 (gptfast's dropout seed travels in rng_state[0]).
+offset () uint64 as this PyTorch's meta kernel declares them (gptfast's dropout seed travels
+in rng_state's first 8 bytes).
 """
 from __future__ import annotations
 
@@ -100,20 +101,44 @@ def _permuted_bshd(t: torch.Tensor) -> torch.Tensor:
     return res
 
 
+_RNG_SPEC = None
+
+
+def _rng_spec():
+    """((shape, dtype) of rng_state, (shape, dtype) of offset) as this PyTorch's meta
+    registration of the flash op declares them ((2,) and () uint64 on current CUDA builds,
+    () int64 on older ones and ROCm), read once from the meta kernel."""
+    global _RNG_SPEC
+    if _RNG_SPEC is None:
+        t = torch.empty(1, 1, 1, 8, device="meta", dtype=torch.float16)
+        res = torch.ops.aten._scaled_dot_product_flash_attention.default(t, t, t)
+        _RNG_SPEC = ((tuple(res[6].shape), res[6].dtype), (tuple(res[7].shape), res[7].dtype))
+    return _RNG_SPEC
+
+
 def _new_seed(device) -> torch.Tensor:
-    # Drawn from torch's generator on the device (no host sync), like gptfast.attention's.
-    return torch.randint(0, 2**31 - 1, (2,), device=device, dtype=torch.int64)
+    """rng_state for a forward with dropout: gptfast's seed in its first 8 bytes, drawn from
+    torch's generator on the device (no host sync), like gptfast.attention's."""
+    (shape, dtype), _ = _rng_spec()
+    words = max(1, math.prod(shape) * dtype.itemsize // 8)
+    seed = torch.randint(0, 2**31 - 1, (words,), device=device, dtype=torch.int64)
+    return seed.view(dtype).view(shape)
 
 
 def _seed_of(rng_state: torch.Tensor) -> torch.Tensor:
-    return rng_state.view(torch.int64)[:1]
+    """gptfast's (1,) int64 seed tensor from an rng_state made by `_new_seed`."""
+    return rng_state.reshape(-1).view(torch.int64)[:1]
 
 
-def _rng_outputs(device, seed: Optional[torch.Tensor]):
-    """(rng_state (2,) uint64, offset () uint64) as the meta registrations declare them."""
-    state = seed if seed is not None else torch.zeros(2, dtype=torch.int64, device=device)
-    return state.view(torch.uint64), torch.zeros((), dtype=torch.int64, device=device).view(
-        torch.uint64)
+def _rng_outputs(device, rng_state: Optional[torch.Tensor]):
+    """(rng_state, offset) as the meta registrations declare them (zeros without dropout)."""
+    (shape, dtype), (oshape, odtype) = _rng_spec()
+    if rng_state is None:
+        rng_state = torch.zeros(shape, dtype=torch.int64 if dtype == torch.uint64 else dtype,
+                                device=device).view(dtype)
+    offset = torch.zeros(oshape, dtype=torch.int64 if odtype == torch.uint64 else odtype,
+                         device=device).view(odtype)
+    return rng_state, offset
 
 
 # ---- the adapters -------------------------------------------------------------------------------
@@ -156,11 +181,11 @@ class Provider:
                                      dict(scale=scale))
         q, k, v = _last_dim_contiguous(query, key, value)
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-        seed = _new_seed(q.device) if dropout_p > 0.0 else None
+        rng = _new_seed(q.device) if dropout_p > 0.0 else None
         out, lse = kernel(backend, "attention_fwd", q, k, v)(
-            q, k, v, None, None, None if seed is None else seed[:1], bool(is_causal),
+            q, k, v, None, None, None if rng is None else _seed_of(rng), bool(is_causal),
             float(sm_scale), None, float(dropout_p))
-        rng_state, offset = _rng_outputs(q.device, seed)
+        rng_state, offset = _rng_outputs(q.device, rng)
         debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
         return (_into(query, out), lse, None, None, Sq, Sk, rng_state, offset, debug_mask)
 
@@ -235,11 +260,11 @@ class Provider:
                                        value.transpose(1, 2))  # (B, H, S, d) views
         scale = kwargs.get("scale")
         sm_scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
-        seed = _new_seed(q.device) if dropout_p > 0.0 else None
+        rng = _new_seed(q.device) if dropout_p > 0.0 else None
         out, lse = kernel(backend, "attention_fwd", q, k, v)(
-            q, k, v, alibi, None, None if seed is None else seed[:1], causal, float(sm_scale),
-            window, float(dropout_p))
-        rng_state, offset = _rng_outputs(q.device, seed)
+            q, k, v, alibi, None, None if rng is None else _seed_of(rng), causal,
+            float(sm_scale), window, float(dropout_p))
+        rng_state, offset = _rng_outputs(q.device, rng)
         res = torch.empty_like(query)
         res.transpose(1, 2).copy_(out)
         debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
