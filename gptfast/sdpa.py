@@ -21,7 +21,7 @@ Each override runs gptfast's attention ops (CUDA C++ where built, else Triton) w
 run the inputs with the op's own semantics, and otherwise calls the kernel PyTorch had before
 activation (captured then with `torch.library.get_kernel`; calling the aten op again would
 re-enter the override). Never an error. Falls through: a debug mask, varlen / paged / split-KV
-inputs, an `attn_mask` (CPU op), dropout on the CPU op (it has no RNG state to hand to its
+inputs and ALiBi on the FA2 op, an `attn_mask` (CPU op), dropout on the CPU op (it has no RNG state to hand to its
 backward), causal with Sq != Sk on the SDPA ops (SDPA aligns that top-left, gptfast bottom-right),
 dtypes, head dims and layouts the kernels do not take. Forward and backward decide from the same
 facts, so a backward always pairs with the forward that produced its lse.
@@ -215,8 +215,8 @@ class Provider:
             window, float(dropout_p), torch.are_deterministic_algorithms_enabled())
 
     # -- aten::_flash_attention_forward: (B, S, H, d), FlashAttention-2's semantics ------------
-    # Causal (and ALiBi) are aligned bottom-right there, as in gptfast. Windows follow FA2:
-    # window_size_left L >= 0 with causal is gptfast's window L + 1; -1 / None is unbounded.
+    # Causal is aligned bottom-right there, as in gptfast. Windows follow FA2: window_size_left
+    # L >= 0 with causal is gptfast's window L + 1; -1 / None is unbounded.
 
     @staticmethod
     def _fa2_options(is_causal, kwargs):
@@ -232,10 +232,11 @@ class Provider:
         causal = bool(is_causal) or right == 0
         if right not in (None, 0) or (left is not None and not causal):
             return None
-        alibi = kwargs.get("alibi_slopes")
-        if alibi is not None and (alibi.dim() != 1 or alibi.dtype != torch.float32):
+        if kwargs.get("alibi_slopes") is not None:
+            # the FA2 backward op takes no slopes: whatever PyTorch's kernels do with them, the
+            # pair of overrides could not do the same
             return None
-        return causal, (left + 1 if left is not None else None), alibi
+        return causal, (left + 1 if left is not None else None), None
 
     def flash_forward(self, keyset, query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
                       dropout_p, is_causal, return_debug_mask, **kwargs):
@@ -252,10 +253,6 @@ class Provider:
                                      (query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
                                       dropout_p, is_causal, return_debug_mask), kwargs)
         causal, window, alibi = opts
-        if alibi is not None and alibi.shape[0] != query.shape[2]:
-            return self._fallthrough("_flash_attention_forward", keyset,
-                                     (query, key, value, cum_seq_q, cum_seq_k, max_q, max_k,
-                                      dropout_p, is_causal, return_debug_mask), kwargs)
         q, k, v = _last_dim_contiguous(query.transpose(1, 2), key.transpose(1, 2),
                                        value.transpose(1, 2))  # (B, H, S, d) views
         scale = kwargs.get("scale")

@@ -302,7 +302,9 @@ def test_flash_attention_adapter_fa2_layout_window_and_meta():
                               window_size_left=-1, window_size_right=3) == "fell through"
     assert prov.flash_forward(KEYSET, q, k, v, None, None, 9, 21, 0.0, True, True) \
         == "fell through"
-    assert prov.original["_flash_attention_forward"].calls == 3
+    assert prov.flash_forward(KEYSET, q, k, v, None, None, 9, 21, 0.0, True, False,
+                              alibi_slopes=torch.rand(2)) == "fell through"
+    assert prov.original["_flash_attention_forward"].calls == 4
 
 
 @needs_interpreter
