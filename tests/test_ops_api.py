@@ -221,6 +221,25 @@ def test_fakes_give_the_documented_outputs():
         assert loss.shape == ()
 
 
+def test_eager_calls_skip_the_dispatcher_only_when_nothing_can_tell():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from gptfast.ops import _library, _triton
+    x, p = torch.randn(2), torch.nn.Parameter(torch.randn(2))
+    name = "attention_fwd"
+    assert _library.kernel("triton", name, x, p) is _triton.attention_fwd  # plain: direct
+    assert _library.kernel("cuda", name, x) is _library.OPS[("cuda", name)]  # a C++ kernel
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+    with Spy():  # a dispatch mode must see the op
+        assert _library.kernel("triton", name, x) is _library.OPS[("triton", name)]
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert _library.kernel("triton", name, fake) is _library.OPS[("triton", name)]
+
+
 @pytest.mark.parametrize("budget", [None, 1 << 30], ids=["lean", "budgeted"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_linear_cross_entropy(reduction, budget):

@@ -189,13 +189,13 @@ def kernel(backend: str, name: str, *tensors):
     The op itself, except in the one case where the dispatcher adds nothing but its cost: a
     Python kernel (Triton's; boxing its ~10 arguments into and out of the dispatcher costs
     ~7 us a call, as much as the rest of the boundary) called eagerly on plain tensors, with no
-    dispatch mode (fake tensors, tracing, FlopCounter) or functorch transform active. Then the
-    kernel function runs directly. torch.compile, export, opcheck and C++ kernels always go
-    through the op.
+    dispatch mode (fake tensors, make_fx, FlopCounter), functorch transform or jit trace
+    active. Then the kernel function runs directly. torch.compile, export, opcheck and C++
+    kernels always go through the op.
     """
     py = PY_KERNELS.get((backend, name))
     if (py is None or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()):
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state()):
         return OPS[(backend, name)]
     for t in tensors:
         if type(t) not in _PLAIN:  # a tensor subclass (fake, functional, DTensor, ...)
