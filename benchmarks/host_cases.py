@@ -49,8 +49,10 @@ def _attention_forward(q, k, v, **_):
     return torch.empty_like(q), q.new_empty((B, H, S), dtype=torch.float32)
 
 
+# Gradients are zeros, not empty: they accumulate into the same .grad tensors the PyTorch side
+# adds to, and garbage (denormals) would slow PyTorch's arithmetic down.
 def _attention_backward(do, q, k, v, out, lse, **_):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
 
 
 def _ce_forward(logits, targets, **_):
@@ -59,7 +61,7 @@ def _ce_forward(logits, targets, **_):
 
 
 def _ce_backward(grad_rows, grad_lse, logits, targets, lse, *, inplace=False, **_):
-    return logits if inplace else torch.empty_like(logits)
+    return logits.zero_() if inplace else torch.zeros_like(logits)
 
 
 def _lce_forward(hidden, weight, targets, bias, **_):
@@ -69,8 +71,8 @@ def _lce_forward(hidden, weight, targets, bias, **_):
 
 
 def _lce_backward(grad_rows, grad_lse, hidden, weight, targets, bias, lse, **_):
-    return (torch.empty_like(hidden), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else None)
+    return (torch.zeros_like(hidden), torch.zeros_like(weight),
+            torch.zeros_like(bias) if bias is not None else None)
 
 
 STUBS = {
@@ -177,7 +179,8 @@ def per_call_us(fn: Callable[[], object], calls: int) -> float:
 def measure_ratios(cases: Optional[List[Case]] = None, rounds: int = 15,
                    calls: int = 100) -> Dict[str, dict]:
     """name -> {gptfast_us, torch_us, ratio}: medians over `rounds` rounds, each timing gptfast
-    and PyTorch back to back (so a slow moment of the machine hits both)."""
+    and PyTorch back to back, in alternating order (so a slow moment of the machine hits both,
+    and neither always runs on the other's caches)."""
     cases = cases if cases is not None else make_cases()
     out = {}
     with launches_stubbed():
@@ -186,9 +189,13 @@ def measure_ratios(cases: Optional[List[Case]] = None, rounds: int = 15,
                 for _ in range(20):
                     fn()
             ours, theirs, ratios = [], [], []
-            for _ in range(rounds):
-                a = per_call_us(case.gptfast, calls)
-                b = per_call_us(case.torch, calls)
+            for r in range(rounds):
+                if r % 2:  # alternate who goes first: neither inherits the other's warm caches
+                    b = per_call_us(case.torch, calls)
+                    a = per_call_us(case.gptfast, calls)
+                else:
+                    a = per_call_us(case.gptfast, calls)
+                    b = per_call_us(case.torch, calls)
                 ours.append(a)
                 theirs.append(b)
                 ratios.append(a / b)
