@@ -40,8 +40,10 @@ from typing import Dict, Optional
 
 import torch
 
+from .ops import _cpu_flash
 from .ops import attention as _attention_module  # noqa: F401 - registers the ops' support
 from .ops import backends
+from .ops._cpu_flash import cpu_flash_attention  # noqa: F401 - re-exported
 from .ops._library import kernel
 from .ops.attention import facts as _facts
 
@@ -51,8 +53,6 @@ _CUDA_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_a
              "_flash_attention_forward", "_flash_attention_backward")
 _CPU_OPS = ("_scaled_dot_product_flash_attention_for_cpu",
             "_scaled_dot_product_flash_attention_for_cpu_backward")
-_CPU_KEYSET = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
-
 _ACTIVE: Optional["Provider"] = None  # set while the overrides are registered
 
 
@@ -162,6 +162,7 @@ class Provider:
             self.library = None
         if _ACTIVE is self:
             _ACTIVE = None
+            _cpu_flash.ORIGINAL = None
 
     def _fallthrough(self, name, keyset, args, kwargs):
         self.fallthroughs += 1
@@ -374,6 +375,8 @@ def activate() -> Provider:
             lib.impl(name, getattr(provider, _ADAPTERS[name]), key, with_keyset=True)
     provider.library = lib
     _ACTIVE = provider
+    if _CPU_OPS[0] in original:  # PyTorch's CPU kernels stay reachable for the "torch" backend
+        _cpu_flash.ORIGINAL = (original[_CPU_OPS[0]], original[_CPU_OPS[1]])
     return provider
 
 
@@ -419,46 +422,6 @@ def register() -> bool:
         return False
     registry.register_flash_attention_impl(NAME, register_fn=activate)
     return True
-
-
-# ---- PyTorch's own CPU flash kernel, never the override ----------------------------------------
-
-class _OriginalCpuFlash(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, key, value, dropout_p, is_causal, attn_mask, scale, fwd, bwd):
-        out, lse = fwd.call_boxed(_CPU_KEYSET, query, key, value, dropout_p, is_causal,
-                                  attn_mask=attn_mask, scale=scale)
-        ctx.save_for_backward(query, key, value, out, lse, attn_mask)
-        ctx.args = (dropout_p, is_causal, scale, bwd)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_lse):
-        query, key, value, out, lse, attn_mask = ctx.saved_tensors
-        dropout_p, is_causal, scale, bwd = ctx.args
-        dq, dk, dv = bwd.call_boxed(_CPU_KEYSET, grad_out.contiguous(), query, key, value, out,
-                                    lse, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
-def cpu_flash_attention(query, key, value, dropout_p: float = 0.0, is_causal: bool = False, *,
-                        attn_mask=None, scale=None):
-    """(out, lse) from PyTorch's own CPU flash kernel (`aten::_scaled_dot_product_flash_attention
-    _for_cpu`), differentiable in query/key/value, and never gptfast's override of it: the plain-
-    PyTorch backend can call it without looping into the provider while it is active. (Inside
-    torch.compile the aten op itself is traced; an active provider then handles it at run time.)
-    """
-    provider = _ACTIVE
-    fwd = bwd = None
-    if provider is not None:
-        fwd = provider.original.get(_CPU_OPS[0])
-        bwd = provider.original.get(_CPU_OPS[1])
-    if fwd is None or torch.compiler.is_compiling():
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
-            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-    return _OriginalCpuFlash.apply(query, key, value, dropout_p, is_causal, attn_mask, scale,
-                                   fwd, bwd)
 
 
 __all__ = ["use_for_sdpa", "restore", "active", "cpu_flash_attention", "register", "activate",

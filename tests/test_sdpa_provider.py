@@ -109,6 +109,8 @@ def test_restore_gives_pytorch_its_kernels_back():
     sdpa.restore()  # gptfast's own undo, for PyTorch versions without restore_flash_attention_impl
     F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert attn_kernels.LAUNCHES["attention_fwd"] == f0 and not sdpa.active()
+    from gptfast.ops import _cpu_flash
+    assert _cpu_flash.ORIGINAL is None  # nothing captured outlives the provider
 
 
 @needs_interpreter
