@@ -37,16 +37,12 @@ class Facts(NamedTuple):
     span_bits: int  # bit length of the largest (batch, head) slice span, in elements
 
 
-def head_span(t: Tensor) -> int:
-    """Elements spanned by one (batch, head) slice of a (B, H, S, d) tensor (its last element's
-    offset + 1): the kernels index inside a slice with 32-bit offsets."""
-    return (t.shape[2] - 1) * t.stride(2) + t.shape[3]
-
-
 def facts(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool) -> Facts:
+    # The span of a (batch, head) slice is its last element's offset + 1 (the kernels index
+    # inside a slice with 32-bit offsets: kernels/attention.py `head_span`); the widest counts.
     d = q.shape[3]
     span = max((q.shape[2] - 1) * q.stride(2), (k.shape[2] - 1) * k.stride(2),
-               (v.shape[2] - 1) * v.stride(2)) + d  # head_span of the widest
+               (v.shape[2] - 1) * v.stride(2)) + d
     return Facts(q.dtype, d, needs_grad, span.bit_length())
 
 
