@@ -89,13 +89,41 @@ def test_cross_entropy_inplace_backward_reuses_the_logits_buffer():
 
 
 def test_opcheck_triton_cross_entropy_ops():
-    h, w, b, t = _lce_inputs(N=20, V=129, bias=True)
-    opts = (-100, 0.0, 1e-3, None)
+    # autograd lives outside the ops: they are checked on detached inputs, every op once
+    h, w, b, t = (x.detach() if x is not None and x.is_floating_point() else x
+                  for x in _lce_inputs(N=20, V=129, bias=True))
+    opts = (-100, 0.1, 1e-3, 5.0)
     ops = torch.ops.gptfast
-    torch.library.opcheck(ops.linear_cross_entropy_fwd, (h, w, t, b, *opts, "triton"))
-    x = torch.randn(9, 130, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.triton_linear_cross_entropy_fwd, (h, w, t, b, *opts))
+    _, lse = ops.triton_linear_cross_entropy_fwd(h, w, t, b, *opts)
+    g = torch.rand(20, device=DEVICE)
+    torch.library.opcheck(ops.triton_linear_cross_entropy_bwd,
+                          (g, torch.rand(20, device=DEVICE), h, w, t, b, lse, *opts))
+    torch.library.opcheck(ops.triton_linear_cross_entropy_bwd,
+                          (g.new_ones(()).expand(20), None, h, w, t, None, lse, *opts))
+    torch.library.opcheck(ops.triton_linear_cross_entropy_fwd_grad,
+                          (h, w, t, b, *opts, 1, 1 << 30))
+    x = torch.randn(9, 130, device=DEVICE)
     tx = torch.randint(0, 130, (9,), device=DEVICE)
-    torch.library.opcheck(ops.cross_entropy_fwd, (x, tx, *opts, False, "triton"))
+    torch.library.opcheck(ops.triton_cross_entropy_fwd, (x, tx, *opts))
+    _, lse = ops.triton_cross_entropy_fwd(x, tx, *opts)
+    torch.library.opcheck(ops.triton_cross_entropy_bwd,
+                          (torch.rand(9, device=DEVICE), None, x, tx, lse, *opts))
+    torch.library.opcheck(ops.triton_cross_entropy_bwd_,
+                          (torch.rand(9, device=DEVICE), torch.rand(9, device=DEVICE), x.clone(),
+                           tx, lse, *opts))
+
+
+@pytest.mark.filterwarnings("ignore:Input #.*double precision")
+@pytest.mark.parametrize("budget", [None, 1 << 30], ids=["lean", "budgeted"])
+def test_gradcheck_triton_linear_cross_entropy(budget):
+    h, w, b, t = _lce_inputs(N=9, D=16, V=40, bias=True)
+
+    def fn(h, w, b):
+        return gptfast.linear_cross_entropy(h, w, t, bias=b, z_loss=1e-2, memory_budget=budget,
+                                            backend="triton")
+    assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-2, atol=2e-3, rtol=5e-2,
+                                    fast_mode=True)
 
 
 def test_fullgraph_compile_through_triton_loss():
