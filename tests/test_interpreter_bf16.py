@@ -310,6 +310,7 @@ def test_bf16_is_refused_with_a_clear_error_when_the_fix_is_unavailable(monkeypa
     wrong after it. bf16 is refused everywhere; fp32 keeps working."""
     monkeypatch.setattr(interp, "_state", None)
     monkeypatch.setattr(interp, "_problem", None)
+    monkeypatch.setattr(backends, "_DECISIONS", {})  # decisions cached before the simulation
     monkeypatch.setattr(interp, "_self_test", lambda: ["tl.dot on bf16 off by 5.2e+10"])
     if how == "patch_fails":
         def _no_patch():

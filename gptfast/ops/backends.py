@@ -100,11 +100,14 @@ def _triton_version() -> Optional[str]:
     return _probe_triton() if _TRITON_SPEC else None
 
 
-@torch.compiler.assume_constant_result
 def interpreter_bf16_problem() -> Optional[str]:
     """Why the Triton interpreter cannot run bf16 kernels here, or None when it can. The
     interpreter computes bf16 wrongly in Triton 3.6-3.8; `gptfast.kernels._interpreter` checks
-    the installed one with a self-test and fixes it (once, on the first bf16 question)."""
+    the installed one with a self-test and fixes it (once, on the first bf16 question). Inside a
+    torch.compile trace nothing is imported or run: the launchers ask again when they run (and
+    raise a clear error then if bf16 cannot be made right)."""
+    if torch.compiler.is_compiling():
+        return None
     try:
         from gptfast.kernels import _interpreter
     except ImportError as e:  # pragma: no cover - Triton present but its internals moved
@@ -193,7 +196,7 @@ def _decide(op: str, requested: str, device: torch.device, facts) -> Decision:
                 except ImportError as e:  # a kernel module that fails to import
                     why = f"the {name} kernels for {op} failed to import ({e})"
             if why is None and name == "triton" and interpreter_enabled() \
-                    and inputs.get("dtype") == torch.bfloat16:
+                    and getattr(facts, "dtype", None) == torch.bfloat16:
                 why = interpreter_bf16_problem()
         reasons[name] = why
 
