@@ -1,0 +1,287 @@
+"""gptfast.hf checkpoints and tokenizers: GPT-2 and BLOOM folders in and out, their tokenizers.
+
+The folders are built here: a small random transformers model saved with save_pretrained (or in
+the original uploads' layout) and a byte-level BPE tokenizer trained with the `tokenizers`
+package on local text. Nothing is downloaded.
+"""
+import inspect
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+import gptfast.hf
+from gptfast.hf import CheckpointFormatError, load_bloom, load_gpt2, load_model, load_tokenizer
+from gptfast.hf.checkpoint import bloom_config, convert_from_hf
+from gptfast.model import GPT, count_params, get_config
+
+from _hf_models import VOCAB, batch, build, oracle
+from _tolerance import assert_rule
+
+pytestmark = pytest.mark.hf
+
+TEXT = "Ünïcödé  ✓ 日本語 🙂\n\n\tdef  f(x):\n        return   x  *  2\r\n   trailing   \n"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _logits_rule(name, gpt, hf, ids, mask=None):
+    """gptfast's logits vs the HF model's, both against the HF model in float64."""
+    ref = oracle(hf)
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    with torch.no_grad():
+        got = gpt.logits(ids, key_padding_mask=None if mask is None else mask.bool())
+        assert_rule(name, got[real], ref(ids, attention_mask=mask).logits[real],
+                    hf(ids, attention_mask=mask).logits[real], 2, 1e-7)
+
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_load_gpt2_logits_equal_hf(tmp_path, tied):
+    hf = build("gpt2", tie_word_embeddings=tied)
+    hf.save_pretrained(tmp_path)
+    gpt = load_gpt2(tmp_path, backend="torch")
+    assert gpt.config.tie_embeddings == tied and not gpt.training
+    ids, mask, _ = batch()
+    _logits_rule("gpt2", gpt, hf, ids)
+    _logits_rule("gpt2 padded", gpt, hf, ids, mask)
+
+
+def test_load_gpt2_original_layout(tmp_path):
+    """GPT-2's original upload: pytorch_model.bin, names without "transformer.", the attention
+    mask buffers saved, the tied lm_head stored too."""
+    hf = build("gpt2")
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()}
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    hf.config.to_json_file(tmp_path / "config.json")
+    _logits_rule("gpt2 .bin", load_gpt2(tmp_path, backend="torch"), hf, batch()[0])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_gpt2_loads_in_transformers(tmp_path, tied):
+    torch.manual_seed(0)
+    gpt = GPT(get_config("tiny", vocab_size=VOCAB, n_embd=64, n_head=2, block_size=64,
+                         tie_embeddings=tied, backend="torch")).eval()
+    gptfast.hf.save_gpt2(gpt, tmp_path, bos_token_id=1, eos_token_id=2)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    assert (hf.config.bos_token_id, hf.config.eos_token_id) == (1, 2)
+    assert hf.config.tie_word_embeddings == tied
+    _logits_rule("save_gpt2", gpt, hf, batch()[0])
+    again = load_gpt2(tmp_path)  # and back, bit for bit
+    for (k, a), (_, b) in zip(gpt.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_save_refuses_shapes_of_another_layout(tmp_path):
+    with pytest.raises(ValueError, match=r"ln_position='post'.*needs ln_position='pre'"):
+        gptfast.hf.save_gpt2(GPT(get_config("tiny", ln_position="post")), tmp_path)
+    with pytest.raises(ValueError, match=r"position='learned'.*save_gpt2"):
+        gptfast.hf.save_bloom(GPT(get_config("tiny")), tmp_path)
+    with pytest.raises(ValueError, match="n_kv_head=2"):
+        gptfast.hf.save_gpt2(GPT(get_config("tiny", n_kv_head=2)), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+# ---- BLOOM ---------------------------------------------------------------------------------------
+
+def test_load_bloom_logits_equal_hf(tmp_path):
+    """3 heads (ALiBi's interleaved slopes), left and right padding."""
+    hf = build("bloom")
+    hf.save_pretrained(tmp_path)
+    gpt = load_bloom(tmp_path, backend="torch")
+    c = gpt.config
+    assert (c.position, c.embedding_ln, gpt.wpe) == ("alibi", True, None)
+    ids, mask, _ = batch()
+    _logits_rule("bloom", gpt, hf, ids)
+    _logits_rule("bloom padded", gpt, hf, ids, mask)
+
+
+def test_bloom_triton_alibi_on_loaded_weights(tmp_path):
+    """The loaded BLOOM on the interpreted Triton kernels (ALiBi + padding in the kernel)."""
+    hf = build("bloom")
+    hf.save_pretrained(tmp_path)
+    gpt = load_bloom(tmp_path, backend="triton")
+    ids, mask, _ = batch()
+    _logits_rule("bloom triton", gpt, hf, ids, mask)
+
+
+def test_save_bloom_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    gpt = GPT(get_config("tiny", vocab_size=VOCAB, n_embd=96, n_head=3, position="alibi",
+                         embedding_ln=True, backend="torch")).eval()
+    with torch.no_grad():  # LayerNorms away from their (1, 0) init
+        for p in gpt.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    gptfast.hf.save_bloom(gpt, tmp_path)
+    hf = transformers.BloomForCausalLM.from_pretrained(tmp_path).eval()
+    ids, mask, _ = batch()
+    _logits_rule("save_bloom", gpt, hf, ids, mask)
+    assert load_model(tmp_path).config.position == "alibi"
+
+
+def test_bloom_560m_shapes_on_meta():
+    """bloom-560m's real shapes: HF's model built on the meta device from its config, its
+    state_dict converted into the bloom-560m preset, and a forward through ALiBi on meta."""
+    cfg = transformers.BloomConfig(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16)
+    with torch.device("meta"):
+        hf = transformers.BloomForCausalLM(cfg)
+    ours = bloom_config(cfg.to_dict(), "config.json", backend="torch")
+    preset = get_config("bloom-560m", backend="torch")
+    assert ours == preset
+    state = convert_from_hf(hf.state_dict(), preset, "bloom")
+    with torch.device("meta"):
+        gpt = GPT(preset)
+    gpt.load_state_dict(state, strict=True, assign=True)
+    assert gpt.num_params() == count_params("bloom-560m") == 559_214_592  # bloom-560m's count
+    assert gpt.h[0].attn.alibi_slopes.shape == (16,)
+    logits = gpt.logits(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+    assert logits.shape == (2, 8, 250880)
+
+
+# ---- bad folders ---------------------------------------------------------------------------------
+
+def _folder(tmp_path, arch="gpt2"):
+    hf = build(arch)
+    hf.save_pretrained(tmp_path)
+    return hf
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_gpt2(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match=r"config.json: not found"):
+        load_gpt2(tmp_path)
+    _folder(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no weights \(expected one of model.safetensors"):
+        load_gpt2(tmp_path)
+
+
+def test_mismatched_and_foreign_checkpoints(tmp_path):
+    _folder(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+
+    def write_config(**changes):
+        (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+
+    write_config(n_embd=96, n_head=3)  # config and weights disagree
+    with pytest.raises(CheckpointFormatError, match=r"model.safetensors: tensor 'wte.weight' has "
+                                                    r"shape \(128, 64\), expected \(128, 96\)"):
+        load_gpt2(tmp_path)
+    write_config(n_layer=3)
+    with pytest.raises(CheckpointFormatError, match=r"missing tensor 'h.2.ln_1.weight'"):
+        load_gpt2(tmp_path)
+    write_config(n_layer=1)
+    with pytest.raises(CheckpointFormatError, match=r"unexpected tensors \['h.1."):
+        load_gpt2(tmp_path)
+    write_config(model_type="llama")
+    with pytest.raises(CheckpointFormatError, match=r"config.json: model_type 'llama', expected "
+                                                    r"'gpt2'"):
+        load_gpt2(tmp_path)
+    with pytest.raises(CheckpointFormatError, match=r"model_type 'llama' is not one gptfast "
+                                                    r"reads \(expected one of \['bloom', 'gpt2'\]"):
+        load_model(tmp_path)
+    write_config(activation_function="relu")
+    with pytest.raises(CheckpointFormatError, match="activation_function 'relu'"):
+        load_gpt2(tmp_path)
+    write_config()
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointFormatError, match=r"model.safetensors: unreadable"):
+        load_gpt2(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointFormatError, match=r"config.json: not valid JSON"):
+        load_gpt2(tmp_path)
+
+
+def test_bloom_folder_is_not_gpt2(tmp_path):
+    _folder(tmp_path, "bloom")
+    with pytest.raises(CheckpointFormatError, match="model_type 'bloom', expected 'gpt2'"):
+        load_gpt2(tmp_path)
+
+
+# ---- tokenizers ----------------------------------------------------------------------------------
+
+def _train_tokenizer():
+    """A byte-level BPE (GPT-2's kind) trained here on the standard library's json sources."""
+    import json as json_module
+
+    from tokenizers import ByteLevelBPETokenizer
+    corpus = [inspect.getsource(m) for m in (json_module.decoder, json_module.encoder)]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus + [TEXT], vocab_size=400, min_frequency=2,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    """A GPT-2 folder as HF writes it: model, tokenizer.json, vocab.json + merges.txt and
+    tokenizer_config.json (through transformers' own tokenizer class)."""
+    folder = tmp_path_factory.mktemp("gpt2_with_tokenizer")
+    tok = _train_tokenizer()
+    tok.save_model(str(folder))                                  # vocab.json + merges.txt
+    hf_tok = transformers.GPT2Tokenizer(vocab=str(folder / "vocab.json"),
+                                        merges=str(folder / "merges.txt"))
+    hf_tok.save_pretrained(folder)                               # tokenizer.json + config
+    eot = tok.token_to_id("<|endoftext|>")
+    model = build("gpt2", vocab_size=tok.get_vocab_size(), bos_token_id=eot, eos_token_id=eot)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("files", ["tokenizer.json", "vocab.json+merges.txt"])
+def test_tokenizer_reads_like_the_models_own(hf_folder, tmp_path, files):
+    folder = hf_folder
+    if files != "tokenizer.json":  # only GPT-2's original two files
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(hf_folder / name, tmp_path / name)
+        folder = tmp_path
+    tok = load_tokenizer(folder)
+    own = transformers.AutoTokenizer.from_pretrained(hf_folder)
+    ids = tok.encode(TEXT)
+    assert ids == own.encode(TEXT, add_special_tokens=False)
+    assert tok.decode(ids) == TEXT == own.decode(ids)
+    assert tok.vocab_size == len(own)
+    eot = own.convert_tokens_to_ids("<|endoftext|>")
+    if files == "tokenizer.json":  # special tokens from tokenizer_config.json
+        assert (tok.bos_id, tok.eos_id) == (eot, eot)
+        assert tok.encode("a", bos=True, eos=True) == [eot] + own.encode("a") + [eot]
+    else:  # the two files name no special token
+        assert tok.bos_id is None
+        with pytest.raises(ValueError, match="has no bos token"):
+            tok.encode("a", bos=True)
+
+
+def test_tokenizer_missing_or_broken(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer \(expected tokenizer.json, or "
+                                                r"vocab.json \+ merges.txt\)"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a tokenizers tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_loaded_model_and_tokenizer_generate(hf_folder):
+    """load_model + load_tokenizer: the folder's model continues a prompt with the same greedy
+    tokens as transformers' generate."""
+    from gptfast.generate import generate
+    gpt, tok = load_model(hf_folder, backend="torch"), load_tokenizer(hf_folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
+    prompt = torch.tensor([tok.encode("def f(x):")])
+    want = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_id)
+    got = generate(gpt, prompt, max_new_tokens=6, greedy=True)
+    assert got.tolist() == want.tolist()
