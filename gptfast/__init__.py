@@ -6,6 +6,7 @@
 
 `gptfast.explain(gptfast.attention, q, k, v)` says which backend runs and why.
 `gptfast.use_for_sdpa()` makes F.scaled_dot_product_attention's flash path run gptfast's kernels.
+`gptfast.hf.patch(model)` runs a transformers model's attention and loss on them (gptfast.hf).
 """
 from . import nn, sdpa
 from .ops import (BackendError, attention, cross_entropy, explain, linear_cross_entropy,
@@ -15,6 +16,14 @@ from .sdpa import use_for_sdpa
 sdpa.register()  # known to torch.nn.attention's registry as "gptfast"; activated only on request
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # gptfast.hf (Hugging Face models) loads on first use: `import gptfast` stays light
+    if name == "hf":
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'gptfast' has no attribute {name!r}")
 
 
 def count_params(name_or_config) -> int:

@@ -85,6 +85,19 @@ def test_mask_matches_hf_mask(q_len, kv_len, q_off, kv_off, window, padded):
         assert ours is None  # nothing to mask: the kernel's unmasked path
 
 
+def test_mask_refuses_other_patterns():
+    from transformers.masking_utils import bidirectional_mask_function
+    kw = dict(batch_size=2, q_length=8, kv_length=8, attention_mask=None)
+    with pytest.raises(ValueError, match="sees a later key"):
+        padding_mask(mask_function=bidirectional_mask_function, **kw)
+    with pytest.raises(ValueError, match="narrower than 5"):
+        padding_mask(mask_function=sliding_window_causal_mask_function(4), local_size=5, **kw)
+    with pytest.raises(ValueError, match="wider than 3"):
+        padding_mask(mask_function=sliding_window_causal_mask_function(4), local_size=3, **kw)
+    with pytest.raises(ValueError, match="custom mask function"):
+        padding_mask(mask_function=causal_mask_function, use_vmap=True, **kw)
+
+
 def test_masks_registered_in_both_interfaces():
     gptfast.hf.register()
     assert transformers.AttentionInterface._global_mapping["gptfast"] is not None

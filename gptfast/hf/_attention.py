@@ -50,42 +50,44 @@ def _tracing() -> bool:
 
 def _check_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
                    local_size, device):
-    """Refuse a mask function that is not causal (+ sliding window), looking at O(B * Sq) cells.
+    """Refuse a mask function that is not causal (+ sliding window), looking at O(B * Sq) cells
+    and synchronizing once.
 
     The kernel's pattern is: query i sees key j iff i - W < j <= i. So a query sees itself and
     the key just before it (packed sequences break this at every sequence start), not the key
     after it (bidirectional blocks break that), and with a window W the key W-1 before it but
     not the key W before it. Cells outside the keys are not looked at.
     """
+    q0, first = int(q_offset), int(kv_offset)
+    last = first + kv_length - 1
+    probes = [(0, True, "a query does not see its own key")]
+    if local_size is None or local_size >= 2:
+        probes.append((-1, True, "a query does not see the key just before it: packed "
+                                 "sequences (position_ids restarting inside a row) or a block "
+                                 "mask. Put each sequence in its own row, with an "
+                                 "attention_mask for the padding"))
+    probes.append((1, False, "a query sees a later key (bidirectional or block attention)"))
+    if local_size is not None:
+        probes += [(1 - local_size, True, f"the sliding window is narrower than {local_size}"),
+                   (-local_size, False, f"the sliding window is wider than {local_size}")]
     b = torch.arange(batch_size, device=device)[:, None]                       # (B, 1)
     h = torch.zeros((), dtype=torch.long, device=device)
-    q = torch.arange(q_length, device=device)[None, :] + int(q_offset)         # (1, Sq)
-    first, last = int(kv_offset), int(kv_offset) + kv_length - 1
-
-    def cells(delta):  # mask_function at (q, q + delta) where that key exists: (B, Sq) or None
-        kv = q + delta
-        inside = (kv >= first) & (kv <= last)
-        if not bool(inside.any()):
-            return None, None
-        got = mask_function(b, h, q, kv.clamp(first, last))
-        return torch.as_tensor(got, device=device).expand(batch_size, q_length), inside
-
-    def expect(delta, visible, what):
-        got, inside = cells(delta)
-        if got is not None and not bool(((got == visible) | ~inside).all()):
-            raise ValueError(f"gptfast attention cannot run this model's mask: {what}. The fused "
-                             f"kernel takes a causal mask, a sliding window and key padding only; "
-                             f"unpatch the model (gptfast.hf.unpatch) to use another pattern.")
-
-    expect(0, True, "a query does not see its own key")
-    if local_size is None or local_size >= 2:
-        expect(-1, True, "a query does not see the key just before it: packed sequences "
-                         "(position_ids restarting inside a row) or a block mask. Put each "
-                         "sequence in its own row, with an attention_mask for the padding")
-    expect(1, False, "a query sees a later key (bidirectional or block attention)")
-    if local_size is not None:
-        expect(-(local_size - 1), True, f"the sliding window is narrower than {local_size}")
-        expect(-local_size, False, f"the sliding window is wider than {local_size}")
+    wrong, messages = [], []
+    for delta, visible, message in probes:
+        lo, hi = max(q0, first - delta), min(q0 + q_length - 1, last - delta)  # key inside
+        if lo > hi:
+            continue
+        q = torch.arange(lo, hi + 1, device=device)[None, :]                   # (1, n)
+        got = torch.as_tensor(mask_function(b, h, q, q + delta), device=device)
+        wrong.append((got != visible).any())
+        messages.append(message)
+    if wrong:
+        bad = torch.stack(wrong).tolist()                                       # one sync
+        if any(bad):
+            raise ValueError(f"gptfast attention cannot run this model's mask: "
+                             f"{messages[bad.index(True)]}. The fused kernel takes a causal "
+                             f"mask, a sliding window and key padding only; unpatch the model "
+                             f"(gptfast.hf.unpatch) to use another pattern.")
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
