@@ -285,3 +285,21 @@ def test_loaded_model_and_tokenizer_generate(hf_folder):
     want = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_id)
     got = generate(gpt, prompt, max_new_tokens=6, greedy=True)
     assert got.tolist() == want.tolist()
+
+
+def test_corpus_with_the_folders_tokenizer(hf_folder, tmp_path):
+    """gptfast.data.load_corpus with an HF tokenizer: each document is its ids then
+    <|endoftext|> (GPT-2's separator; no BOS, as bos == eos), and decodes back to the text."""
+    from gptfast.data import load_corpus
+    docs = {"a.txt": TEXT, "b.txt": "second   document ✓\n", "c.txt": "third\n"}
+    for name, text in docs.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    tok = load_tokenizer(hf_folder)
+    corpus = load_corpus(tmp_path, tokenizer=tok, val_fraction=0.3)
+    stream = torch.cat([corpus.train, corpus.val]).tolist()
+    assert corpus.train.dtype == torch.int16 and stream.count(tok.eos_id) == 3
+    texts = set(tok.decode(stream).split("<|endoftext|>")[:-1])
+    assert texts == set(docs.values())
+    big = load_tokenizer(hf_folder)
+    big.tokenizer.add_tokens([f"<extra_{i}>" for i in range(40000)])  # > 32768 ids: int32
+    assert load_corpus(tmp_path, tokenizer=big).train.dtype == torch.int32
