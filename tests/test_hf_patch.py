@@ -316,6 +316,26 @@ def test_unpatch_restores_the_model(arch):
     assert torch.equal(after.logits, before.logits) and torch.equal(after.loss, before.loss)
 
 
+def test_unpatch_keeps_another_librarys_forward_wrapper():
+    """A forward set on the instance before patch (accelerate's hooks do this) is the one the
+    patched model calls, and it is back after unpatch."""
+    model = build("bloom")
+    calls = []
+    original = model.forward
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.forward = wrapper
+    gptfast.hf.patch(model, backend="torch")
+    ids, mask, labels = batch()
+    model(ids, attention_mask=mask, labels=labels)
+    assert calls == [1]
+    gptfast.hf.unpatch(model)
+    assert model.forward is wrapper
+
+
 def test_unknown_architecture_names_the_supported_ones():
     cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=1, num_attention_heads=2,

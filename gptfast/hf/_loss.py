@@ -63,9 +63,10 @@ class _HiddenCapture:
 def fused_loss_forward(model, *, softcap: Optional[float], backend: str):
     """A forward for `model` (a *ForCausalLM): its original forward, with the loss fused when
     labels are given. Returns (forward, hook handle)."""
-    original = model.forward  # the bound method of the class
-    names = [p.name for p in inspect.signature(original).parameters.values()
-             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    original = model.forward  # the class's bound method, or a wrapper another library set
+    # positional arguments are named after the class's forward (a wrapper may take *args)
+    names = [p.name for p in inspect.signature(type(model).forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][1:]  # without self
     capture = _HiddenCapture()
     handle = model.base_model.register_forward_hook(capture)
 

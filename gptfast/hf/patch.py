@@ -52,6 +52,14 @@ class _State:  # kept on the model as `_gptfast_patch` until unpatch
     previous_attn: Optional[str] = None       # config._attn_implementation before patch
     loss_hook: object = None                  # the base model's forward hook handle
     modules: List[object] = field(default_factory=list)  # modules given _gptfast_* attributes
+    # (module, the instance `forward` it had before patch, or None): a wrapper another library
+    # set (accelerate's hooks) comes back on unpatch
+    forwards: List[tuple] = field(default_factory=list)
+
+
+def _replace_forward(state: _State, module, forward) -> None:
+    state.forwards.append((module, module.__dict__.get("forward")))
+    module.forward = forward
 
 
 def register() -> None:
@@ -143,7 +151,8 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True,
             else:  # BLOOM: the config key only selects gptfast's mask; the modules run gptfast
                 config._attn_implementation = NAME
                 for module in _attention_modules(model):
-                    module.forward = types.MethodType(bloom_attention_forward, module)
+                    _replace_forward(state, module,
+                                     types.MethodType(bloom_attention_forward, module))
             for module in _attention_modules(model):
                 module._gptfast_backend = backend
                 state.modules.append(module)
@@ -157,8 +166,8 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True,
                                           f"model head (patch the *ForCausalLM model)")
         else:
             softcap = getattr(config, "final_logit_softcapping", None)
-            model.forward, state.loss_hook = fused_loss_forward(model, softcap=softcap,
-                                                                backend=backend)
+            forward, state.loss_hook = fused_loss_forward(model, softcap=softcap, backend=backend)
+            _replace_forward(state, model, forward)
             state.report.cross_entropy = "gptfast.linear_cross_entropy" + (
                 f" (final logit softcap {softcap})" if softcap is not None else "") + \
                 "; logits are not returned with labels"
@@ -174,9 +183,12 @@ def unpatch(model) -> bool:
         return False
     if state.loss_hook is not None:
         state.loss_hook.remove()
-        model.__dict__.pop("forward", None)
+    for module, previous in reversed(state.forwards):
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
     for module in state.modules:
-        module.__dict__.pop("forward", None)
         module.__dict__.pop("_gptfast_backend", None)
         module.__dict__.pop("_gptfast_slopes", None)
     if state.previous_attn is not None:
