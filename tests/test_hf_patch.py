@@ -3,8 +3,8 @@
 Every model is built small from its config with random weights (tests/_hf_models.py; nothing is
 downloaded). Patched and unpatched models are compared with FlashAttention's rule against a
 float64 oracle (the unpatched model in float64 with float64 attention): the patched model's max
-error is at most 2x the unpatched fp32 model's own error (3x for gradients), plus a small atol
-for values whose own error is ~0. The inputs have a left-padded and a right-padded row; logits
+error is at most 2x the unpatched model's own error in the same dtype (fp32, bf16) for logits,
+3x for gradients and the loss, plus a small atol for values whose own error is ~0. The inputs have a left-padded and a right-padded row; logits
 are compared at real tokens only (a padding query sees no key: gptfast returns zeros there,
 HF an average; no real position reads them).
 """
@@ -106,13 +106,21 @@ def test_masks_registered_in_both_interfaces():
 
 # ---- patched vs unpatched ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend,dtype", [
+    pytest.param("torch", torch.float32, id="torch-fp32"),
+    pytest.param("triton", torch.float32, id="triton-fp32"),
+    pytest.param("triton", torch.bfloat16, id="triton-bf16")])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_patched_matches_unpatched(arch, backend):
+def test_patched_matches_unpatched(arch, backend, dtype):
     """Loss, every parameter gradient, and the logits (cross_entropy=False) of the patched model
-    against the float64 oracle, next to the unpatched fp32 model's errors."""
+    against the float64 oracle, next to the unpatched model's errors in the same dtype: 2x for
+    logits, 3x for gradients and for the loss (one scalar: in bf16 its error is a single draw,
+    measured between 0.3x and 2.7x the unpatched model's over seeds, where the max over the
+    logits stays within 0.7x-1.5x)."""
     model = build(arch)
-    ref, patched = oracle(model), copy.deepcopy(model)
+    ref = oracle(model)
+    model = model.to(dtype)
+    patched = copy.deepcopy(model)
     report = gptfast.hf.patch(patched, backend=backend)
     assert report.attention.startswith("gptfast") and "linear_cross_entropy" in report.cross_entropy
     ids, mask, labels = batch()
@@ -122,7 +130,7 @@ def test_patched_matches_unpatched(arch, backend):
     assert out.logits is None  # the fused loss keeps no logits
     patched.zero_grad()
     out.loss.backward()
-    assert_rule(f"{arch} loss", out.loss.detach(), ref_loss, base_loss, 2, ATOL)
+    assert_rule(f"{arch} loss", out.loss.detach(), ref_loss, base_loss, 3, ATOL)
     for name, p in patched.named_parameters():
         assert p.grad is not None, name
         assert_rule(f"{arch} grad {name}", p.grad, ref_grads[name], base_grads[name], 3, ATOL)
