@@ -112,6 +112,100 @@ def test_attention_dropout_statistics():
     assert abs(dropped.sum().item() / clean.sum().item() - 1) < 0.02
 
 
+# ---- the torch backend's fast path: PyTorch's fused SDPA CPU kernel ----------------------------
+
+@pytest.fixture
+def sdpa_only(monkeypatch):
+    """Counts the torch backend's calls into SDPA's CPU kernel and fails if the materializing
+    reference or F.scaled_dot_product_attention (which an SDPA provider may route to gptfast)
+    runs instead."""
+    from gptfast.ops import reference
+    calls = []
+    reference._probe_sdpa_cpu_gqa()                 # its one-time check calls the kernel too
+    kernel = reference.sdpa_cpu_kernel
+
+    def counting(*a, **kw):
+        calls.append(kw)
+        return kernel(*a, **kw)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("the torch backend left the SDPA path")
+    monkeypatch.setattr(reference, "sdpa_cpu_kernel", counting)
+    monkeypatch.setattr(reference, "attention", forbidden)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", forbidden)
+    return calls
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c[:6]}-{sorted(c[6])}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_sdpa_path_matches_oracle(case, dtype, sdpa_only):
+    q, k, v, kw = _attn_inputs(*case, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = gptfast.attention(q, k, v, backend="torch", **kw)
+    assert len(sdpa_only) == 1 and out.dtype == dtype
+    ref_out, _ = attention_oracle(q, k, v, **kw)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    # gradients against the oracle's (it is plain differentiable float64 PyTorch)
+    g = torch.randn_like(ref_out)
+    got = torch.autograd.grad((out.double() * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_out * g).sum(), (q, k, v))
+    for a, e in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.double(), e.double(), atol=100 * tol, rtol=100 * tol)
+
+
+def test_attention_sdpa_path_gradcheck(sdpa_only):
+    q, k, v, kw = _attn_inputs(*ATTN_CASES[-1])     # GQA, ALiBi, window, padding, empty rows
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: gptfast.attention(q, k, v, backend="torch", **kw), (q, k, v))
+
+
+def test_attention_sdpa_path_empty_rows_and_transposed_inputs(sdpa_only):
+    qkv = torch.randn(2, 6, 3, 2, 8, requires_grad=True)          # (B, T, 3, H, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)                           # (B, H, T, d) views
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :4] = False                                            # left padding: rows 0-3 empty
+    out = gptfast.attention(q, k, v, key_padding_mask=mask, backend="torch")
+    ref, _ = attention_oracle(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[0, :, :4], torch.zeros_like(out[0, :, :4]))
+    out.sum().backward()
+    dq = qkv.grad[:, :, 0].transpose(1, 2)                         # (B, H, T, d)
+    assert torch.equal(dq[0, :, :4], torch.zeros_like(dq[0, :, :4]))
+    assert qkv.grad.isfinite().all()
+
+
+def test_attention_sdpa_path_bf16_alibi(sdpa_only):
+    q, k, v, kw = _attn_inputs(1, 4, 4, 64, 64, 16, dict(causal=True, alibi=True),
+                               dtype=torch.bfloat16)
+    kw["alibi_slopes"] = kw["alibi_slopes"] * 4                     # far keys strongly biased
+    out = gptfast.attention(q, k, v, backend="torch", **kw)
+    ref, _ = attention_oracle(q, k, v, **kw)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_attention_keeps_its_own_path_where_sdpa_differs():
+    from gptfast.ops import reference
+    q, k, v, kw = _attn_inputs(1, 2, 2, 5, 5, 8, dict(causal=True, alibi=True))
+    cases = [(dict(dropout_p=0.1), "dropout"), (dict(return_lse=True), "return_lse")]
+    for extra, word in cases:
+        assert word in reference.sdpa_unsupported(q, alibi_slopes=None,
+                                                  dropout_p=extra.get("dropout_p", 0.0),
+                                                  return_lse=extra.get("return_lse", False))
+    slopes = kw["alibi_slopes"].requires_grad_()
+    assert "alibi_slopes" in reference.sdpa_unsupported(q, alibi_slopes=slopes, dropout_p=0.0,
+                                                         return_lse=False)
+    out = gptfast.attention(q, k, v, alibi_slopes=slopes, backend="torch")
+    out.sum().backward()                                            # slopes get a gradient
+    assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+    d = gptfast.explain(gptfast.attention, q, k, v, dropout_p=0.1)
+    assert "dropout" in str(d) and "S x S" in str(d)
+    assert "SDPA" in str(gptfast.explain(gptfast.attention, q, k, v))
+
+
 # ---- cross-entropy ------------------------------------------------------------------------------
 
 CE_OPTIONS = [

@@ -175,7 +175,11 @@ def _plan(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window
                                               or v.requires_grad)
     inputs = dict(dtype=q.dtype, head_dim=q.shape[-1], needs_grad=needs_grad, qkv=(q, k, v),
                   deterministic=deterministic, dropout_p=dropout_p)
-    return backends.choose(OP, backend, device, inputs), (q, k, v)
+    decision = backends.choose(OP, backend, device, inputs)
+    decision.torch_path = reference.attention_torch_path(q, alibi_slopes=alibi_slopes,
+                                                         dropout_p=dropout_p,
+                                                         return_lse=return_lse)
+    return decision, (q, k, v)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
@@ -221,12 +225,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     decision, (q, k, v) = _plan(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                 alibi_slopes=alibi_slopes, window=window,
                                 key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                deterministic=deterministic, backend=backend)
+                                deterministic=deterministic, return_lse=return_lse,
+                                backend=backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if decision.backend == "torch":
-        out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
-                                       alibi_slopes=alibi_slopes, window=window,
-                                       key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+        out, lse = reference.attention_torch(q, k, v, causal=causal, softmax_scale=scale,
+                                             alibi_slopes=alibi_slopes, window=window,
+                                             key_padding_mask=key_padding_mask,
+                                             dropout_p=dropout_p, return_lse=return_lse)
     else:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             # The kernels stream rows of d contiguous elements; anything else is rare enough

@@ -16,6 +16,7 @@ Masks, with offset = Sk - Sq (bottom-right alignment, what a KV cache needs):
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -99,6 +100,134 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         p = p * keep / (1.0 - dropout_p)
     out = torch.matmul(p, v.to(acc)).to(q.dtype)  # (B, Hq, Sq, d)
     return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# attention, the "torch" backend: PyTorch's fused SDPA CPU kernel wherever it means the same
+# --------------------------------------------------------------------------------------------
+#
+# `attention` above materializes the (B, Hq, Sq, Sk) scores and is slow; PyTorch's CPU
+# flash-attention kernel is blocked (no S x S buffer) and vectorized. Every gptfast option is
+# expressed through its two knobs, `is_causal` (top-left aligned: only right for Sq == Sk) and
+# an additive float `attn_mask`:
+#   causal, Sq == Sk                  is_causal=True
+#   causal, Sq == 1 (decoding)        nothing (bottom-right alignment: the query sees every key)
+#   other causal, window, padding     a 0 / -inf bias, (Sq, Sk) or (B, 1, Sq, Sk)
+#   ALiBi                             -slope * |i + Sk - Sq - j| added to that bias, (.., Hq, Sq, Sk)
+#   GQA                               the kernel reads kv head h // (Hq // Hkv) itself
+# A row that sees no key is unmasked for the kernel and its output zeroed afterwards: zeros,
+# and exactly zero gradients (its upstream gradient is zero, so is the softmax's), whatever
+# the kernel would do with a fully masked row.
+# Kept on `attention`: dropout (gptfast's own mask and seed), return_lse (the kernel's lse has
+# no gradient), trainable ALiBi slopes, and tensors that are not on the CPU.
+
+
+def sdpa_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor],
+                    is_causal: bool, scale: float):
+    """The ONE call into PyTorch's SDPA made by the torch backend -> (out, lse).
+
+    It calls the CPU flash-attention kernel directly, not `F.scaled_dot_product_attention`, so
+    an SDPA provider that routes PyTorch's SDPA to gptfast cannot loop back into gptfast. A
+    provider that overrides this very aten op points this function at the original kernel.
+    """
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+
+
+@torch.compiler.assume_constant_result
+def _sdpa_cpu_takes_gqa() -> bool:
+    return _probe_sdpa_cpu_gqa()
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_sdpa_cpu_gqa() -> bool:
+    """Does this torch's CPU kernel read grouped key/value heads itself? (Checked once.)"""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, 2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        try:
+            out, _ = sdpa_cpu_kernel(q, k, v, attn_mask=None, is_causal=True, scale=0.3)
+        except Exception:  # noqa: BLE001 - an older kernel refuses: expand the heads instead
+            return False
+        ref, _ = sdpa_cpu_kernel(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1),
+                                 attn_mask=None, is_causal=True, scale=0.3)
+    return bool(torch.allclose(out, ref, atol=1e-10))
+
+
+def sdpa_unsupported(q: Tensor, *, alibi_slopes: Optional[Tensor], dropout_p: float,
+                     return_lse: bool) -> Optional[str]:
+    """None when `attention_torch` runs these inputs on PyTorch's fused SDPA CPU kernel, else
+    a sentence saying why the plain reference runs them (and materializes the S x S scores)."""
+    if q.device.type != "cpu":
+        return f"{q.device.type} tensors (the fused SDPA path is the CPU's)"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 (gptfast's dropout mask and seed are not SDPA's)"
+    if return_lse:
+        return "return_lse=True (SDPA's kernel returns no differentiable lse)"
+    if alibi_slopes is not None and alibi_slopes.requires_grad:
+        return "alibi_slopes requires grad (SDPA's mask takes no gradient)"
+    return None
+
+
+def attention_torch_path(q: Tensor, *, alibi_slopes: Optional[Tensor] = None,
+                         dropout_p: float = 0.0, return_lse: bool = False) -> str:
+    """What `attention_torch` runs for these inputs, in words (for `gptfast.explain`)."""
+    why = sdpa_unsupported(q, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                           return_lse=return_lse)
+    if why is None:
+        return "PyTorch's fused SDPA CPU kernel (no S x S scores)"
+    return f"the plain reference, which materializes the S x S scores: {why}"
+
+
+def attention_torch(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
+                    softmax_scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
+                    window: Optional[int] = None, key_padding_mask: Optional[Tensor] = None,
+                    dropout_p: float = 0.0, return_lse: bool = False):
+    """The "torch" backend: `attention`'s semantics, on PyTorch's fused SDPA CPU kernel where
+    `sdpa_unsupported` allows, else `attention` itself. Returns (out, lse); lse is None on the
+    SDPA path (it is computed only for return_lse=True)."""
+    if sdpa_unsupported(q, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                        return_lse=return_lse) is not None:
+        return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                         alibi_slopes=alibi_slopes, window=window,
+                         key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+    B, Hq, Sq, d = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if Hkv != Hq and not _sdpa_cpu_takes_gqa():  # (B, Hkv, Sk, d) -> (B, Hq, Sk, d)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    in_dtype = q.dtype
+    if alibi_slopes is not None and in_dtype in (torch.float16, torch.bfloat16):
+        # The bias takes the inputs' dtype; ALiBi distances in bf16 would lose the slopes.
+        q, k, v = q.float(), k.float(), v.float()
+
+    plain = window is None and key_padding_mask is None and alibi_slopes is None
+    empty = None
+    if plain and (not causal or Sq == 1):       # every query sees every key
+        out, _ = sdpa_cpu_kernel(q, k, v, attn_mask=None, is_causal=False, scale=scale)
+    elif plain and Sq == Sk:                    # top-left == bottom-right
+        out, _ = sdpa_cpu_kernel(q, k, v, attn_mask=None, is_causal=True, scale=scale)
+    else:
+        visible = attention_visibility(Sq, Sk, causal=causal, window=window,
+                                       key_padding_mask=key_padding_mask, device=q.device)
+        bias = None
+        if visible is not None:                 # (Sq, Sk) or (B, 1, Sq, Sk)
+            if key_padding_mask is not None or (causal and Sq > Sk):
+                empty = ~visible.any(dim=-1, keepdim=True)      # (.., Sq, 1)
+                visible = visible | empty
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill(~visible, float("-inf"))
+        if alibi_slopes is not None:            # (Hq, Sq, Sk) + (.., Sq, Sk)
+            ab = alibi_bias(alibi_slopes.detach(), Sq, Sk, q.dtype)
+            bias = ab if bias is None else bias + ab
+            if bias.dim() == 3:                 # the kernel takes 2-D or 4-D masks
+                bias = bias.unsqueeze(0)
+        out, _ = sdpa_cpu_kernel(q, k, v, attn_mask=bias, is_causal=False, scale=scale)
+    if empty is not None:
+        out = out.masked_fill(empty, 0.0)
+    return out.to(in_dtype), None
 
 
 # --------------------------------------------------------------------------------------------
