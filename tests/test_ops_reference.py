@@ -296,6 +296,75 @@ def test_linear_cross_entropy_equals_materialized(opts, budget):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("opts", LCE_OPTIONS, ids=str)
+def test_linear_cross_entropy_chunks_match_the_oracle(opts):
+    # The reference functions themselves, with chunks of 7 rows (and a ragged last one): the
+    # one-pass forward+gradient (the CPU default), forward, and the recomputing backward.
+    from gptfast.ops import reference
+    opts = dict(opts)
+    reduction = opts.pop("reduction", "mean")
+    N, D, V = 38, 8, 29
+    ignore = opts.get("ignore_index", -100)
+    o = dict(ignore_index=ignore, label_smoothing=opts.get("label_smoothing", 0.0),
+             z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"), chunk_elements=7 * V)
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True) if opts.get("bias") else None
+    t = torch.randint(0, V, (N,))
+    t[::5] = ignore
+    logits = h @ w.t() + (b if b is not None else 0)
+    kw = {k: v for k, v in opts.items() if k != "bias"}
+    ref_rows, ref_lse = cross_entropy_oracle(logits, t, reduction="none", **kw)
+    params = [p for p in (h, w, b) if p is not None]
+    with torch.no_grad():
+        rows, lse = reference.linear_cross_entropy_forward(h, w, t, b, **o)
+    torch.testing.assert_close(rows, ref_rows, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    g_rows, g_lse = torch.rand(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    want = torch.autograd.grad((ref_rows * g_rows).sum() + (ref_lse * g_lse).sum(), params,
+                               retain_graph=True)
+    got = reference.linear_cross_entropy_backward(g_rows, g_lse, h.detach(), w.detach(), t,
+                                                  None if b is None else b.detach(), lse, **o)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+    if reduction == "none":
+        return
+    red, _ = cross_entropy_oracle(logits, t, reduction=reduction, **kw)
+    want = torch.autograd.grad(red, params)
+    with torch.no_grad():
+        rows, lse, got = reference.linear_cross_entropy_forward_with_grad(
+            h, w, t, b, reduction=reduction, **o)
+    torch.testing.assert_close(rows, ref_rows, atol=1e-10, rtol=1e-10)
+    for a, e in zip([x for x in got if x is not None], want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+def test_linear_cross_entropy_cpu_default_is_one_pass_and_scales_in_place(monkeypatch):
+    # CPU, gradients wanted, mean/sum: the torch backend computes the gradients in its forward
+    # (one pass over the logits); backward scales them by the upstream gradient in place, or
+    # on copies when the graph is kept for a second backward.
+    from gptfast.ops import reference
+    calls = []
+    real = reference.linear_cross_entropy_forward_with_grad
+    monkeypatch.setattr(reference, "linear_cross_entropy_forward_with_grad",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (50,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    want = torch.autograd.grad(3 * ref, (h, w))
+    loss = gptfast.linear_cross_entropy(h, w, t)
+    assert calls == [1]
+    got = torch.autograd.grad(3 * loss, (h, w), retain_graph=True)
+    again = torch.autograd.grad(3 * loss, (h, w))              # the saved gradients unchanged
+    for a, b, e in zip(got, again, want):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(b, e)
+    with torch.no_grad():                                       # no gradients: forward only
+        gptfast.linear_cross_entropy(h, w, t)
+    assert calls == [1]
+
+
 def test_linear_cross_entropy_against_torch_functional():
     h, w = torch.randn(64, 32), torch.randn(100, 32)
     t = torch.randint(0, 100, (64,))

@@ -55,8 +55,8 @@ class _TorchImpl:
     @staticmethod
     def linear_cross_entropy_forward(hidden, weight, targets, bias, *, reduction,
                                      memory_budget=None, **o):
-        chunk = _chunk_elements(memory_budget)
-        if memory_budget is not None and memory_budget > LEAN_BUDGET and reduction != "none":
+        chunk = reference.chunk_elements(memory_budget, o["softcap"])
+        if reduction != "none":  # the fwd_grad op: gradients in the same pass
             return reference.linear_cross_entropy_forward_with_grad(
                 hidden, weight, targets, bias, reduction=reduction, chunk_elements=chunk, **o)
         loss_rows, lse = reference.linear_cross_entropy_forward(
@@ -66,15 +66,9 @@ class _TorchImpl:
     @staticmethod
     def linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight, targets, bias, lse,
                                       **o):
-        return reference.linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight,
-                                                       targets, bias, lse, **o)
-
-
-def _chunk_elements(memory_budget: Optional[int]) -> int:
-    # A chunk's fp32 logits, probabilities, gradient and the temporaries between them: about
-    # 32 bytes an element at the peak (measured by benchmarks/bench_cross_entropy.py on CPU).
-    budget = LEAN_BUDGET if memory_budget is None else memory_budget
-    return max(1 << 12, budget // 32)
+        return reference.linear_cross_entropy_backward(
+            grad_rows, grad_lse, hidden, weight, targets, bias, lse,
+            chunk_elements=reference.chunk_elements(None, o["softcap"]), **o)
 
 
 def _impl(backend: str):
@@ -262,10 +256,28 @@ def _lce_grad_setup(ctx, inputs, output):
     ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
 
 
+def _graph_is_freed_after_this_backward(saved: Tensor) -> bool:
+    """False under retain_graph=True (the saved tensors will be read again), while tracing
+    (torch.compile, opcheck: fake tensors, dispatch modes) and whenever it cannot be told."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or is_fake(saved) or type(saved) is not torch.Tensor):
+        return False
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _lce_grad_backward(ctx, grad_loss, grad_lse, *_):
     hidden, weight, targets, bias, lse, dh, dw, db = ctx.saved_tensors
     if grad_loss is None:
         dh, dw, db = torch.zeros_like(dh), torch.zeros_like(dw), torch.zeros_like(db)
+    elif _graph_is_freed_after_this_backward(dw):
+        # The saved gradients are used this once: scale them in place (no second buffer the
+        # size of the weight's gradient).
+        dh, dw, db = dh.mul_(grad_loss), dw.mul_(grad_loss), db.mul_(grad_loss)
     else:
         dh, dw, db = dh * grad_loss, dw * grad_loss, db * grad_loss
     if grad_lse is not None:  # rare: the lse itself is in the loss; recompute that part
@@ -428,7 +440,13 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                                               or (b is not None and b.requires_grad))
     budgeted = (memory_budget is not None and memory_budget > LEAN_BUDGET
                 and reduction != "none" and wants_grad)
-    if budgeted:
+    # On the CPU the torch backend computes the gradients in the forward by default: its
+    # chunks then hold no more than the lean schedule's, and the logits are computed once.
+    cpu_one_pass = (memory_budget is None and decision.backend == "torch"
+                    and h.device.type == "cpu" and reduction != "none" and wants_grad)
+    if cpu_one_pass:
+        memory_budget = reference.DEFAULT_WORKSPACE
+    if budgeted or cpu_one_pass:
         loss, lse, *_ = _lce_fwd_grad(h, w, t, b, *opts, reduction, memory_budget,
                                       decision.backend)
         return (loss, lse.view(lead)) if return_lse else loss
