@@ -135,9 +135,16 @@ def _malloc_in_use() -> Optional[Callable[[], int]]:
     return in_use
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes allocated above what was allocated when fn() started, during one call."""
+def peak_bytes(fn: Callable[[], object], device: torch.device,
+               setup: Optional[Callable[[], object]] = None) -> Optional[int]:
+    """Peak bytes allocated above what was allocated when fn() started, during one call.
+
+    setup() runs before each measured call, outside the measurement: clear there the
+    gradients a previous call left, or the call's own gradients replace them unseen and the
+    peak leaves them out."""
+    setup = setup or (lambda: None)
     if device.type == "cuda":
+        setup()
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -148,8 +155,12 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     if in_use is None:
         return None
     # Sampling can miss a short-lived buffer; the peak is a maximum, so take it over a few
-    # calls (fn must start from the same state each time, e.g. clear the grads it creates).
-    return max(_sampled_peak(fn, in_use) for _ in range(3))
+    # calls (each starting from the same state).
+    peaks = []
+    for _ in range(3):
+        setup()
+        peaks.append(_sampled_peak(fn, in_use))
+    return max(peaks)
 
 
 def _sampled_peak(fn: Callable[[], object], in_use: Callable[[], int]) -> int:
@@ -277,6 +288,7 @@ class Run:
         self.missing_peers: List[dict] = []
         self.skipped: List[dict] = []
         self.config: dict = {}
+        self.timer: Optional[str] = None     # a script that times otherwise says how
         self.started = time.time()
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -295,8 +307,8 @@ class Run:
     def time_ms(self, fn, grad_to_none=None) -> float:
         return time_ms(fn, self.device, quick=self.quick, grad_to_none=grad_to_none)
 
-    def peak_bytes(self, fn) -> Optional[int]:
-        return peak_bytes(fn, self.device)
+    def peak_bytes(self, fn, setup=None) -> Optional[int]:
+        return peak_bytes(fn, self.device, setup)
 
     def sync(self) -> None:
         _sync(self.device)
@@ -338,8 +350,8 @@ class Run:
             "versions": versions(),
             "git": git_info(),
             "kernel_hash": kernel_hash(),
-            "timer": ("triton.testing.do_bench median (CUDA events)" if self.is_cuda
-                      else "time.perf_counter median"),
+            "timer": self.timer or ("triton.testing.do_bench median (CUDA events)"
+                                    if self.is_cuda else "time.perf_counter median"),
             "ceilings": self.ceilings,
             "config": self.config,
             "rows": self.rows,
