@@ -49,7 +49,8 @@ def parse_args(name: str, argv: Optional[Sequence[str]] = None) -> argparse.Name
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes for the test suite (also GPTFAST_BENCH_TINY=1)")
     p.add_argument("--out", default=None,
-                   help="output folder (default benchmarks/results/<device-slug>/)")
+                   help="output folder (default benchmarks/results/<device-slug>/ in a source "
+                        "checkout, else ./gptfast-bench/<device-slug>/)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     a = p.parse_args(argv)
     a.tiny = a.tiny or os.environ.get("GPTFAST_BENCH_TINY", "0") == "1"
@@ -58,6 +59,14 @@ def parse_args(name: str, argv: Optional[Sequence[str]] = None) -> argparse.Name
 
 
 # ---- environment facts --------------------------------------------------------------------------
+
+def default_out_dir(slug: str) -> Path:
+    """benchmarks/results/<slug>/ in a source checkout; ./gptfast-bench/<slug>/ when the
+    benchmarks run from an installed package (never inside site-packages)."""
+    if (REPO / "setup.py").is_file() and (REPO / "benchmarks" / "harness.py").is_file():
+        return REPO / "benchmarks" / "results" / slug
+    return Path.cwd() / "gptfast-bench" / slug
+
 
 def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
@@ -282,7 +291,7 @@ class Run:
         self.is_cuda = self.device.type == "cuda"
         self.quick, self.tiny = args.quick, args.tiny
         self.slug = device_slug(self.device)
-        self.out_dir = Path(args.out) if args.out else REPO / "benchmarks" / "results" / self.slug
+        self.out_dir = Path(args.out) if args.out else default_out_dir(self.slug)
         self.rows: List[dict] = []
         self.goals: List[dict] = []
         self.missing_peers: List[dict] = []

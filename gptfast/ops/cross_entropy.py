@@ -405,6 +405,13 @@ def _plan_lce(hidden, weight, targets, *, bias=None, ignore_index=-100, reductio
     check_same_dtype(hidden=hidden, weight=weight, bias=bias)
     decision = backends.choose("linear_cross_entropy", backend, device,
                                dict(dtype=hidden.dtype))
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    decision.torch_path = reference.linear_cross_entropy_torch_path(
+        t.numel(), weight.shape[0], memory_budget=memory_budget, softcap=softcap,
+        one_pass=(wants_grad and reduction != "none"
+                  and (memory_budget > LEAN_BUDGET if memory_budget is not None
+                       else device.type == "cpu")))
     return decision, hidden, weight, bias, t
 
 

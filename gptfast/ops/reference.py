@@ -295,6 +295,16 @@ def chunk_rows(N: int, V: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
     return max(1, min(N, chunk_elements // max(V, 1)))
 
 
+def linear_cross_entropy_torch_path(N: int, V: int, *, one_pass: bool,
+                                    memory_budget: Optional[int],
+                                    softcap: Optional[float]) -> str:
+    """What the torch backend runs for a linear cross-entropy, in words (gptfast.explain)."""
+    rows = chunk_rows(N, V, chunk_elements(memory_budget, softcap))
+    how = ("gradients computed in the same pass" if one_pass
+           else "forward keeps the lse, backward recomputes the logits")
+    return f"chunks of {rows} rows, the {N} x {V} logits never materialized; {how}"
+
+
 def chunk_elements(memory_budget: Optional[int], softcap: Optional[float]) -> int:
     """Logit elements per chunk for a working-memory budget in bytes (None: the default)."""
     budget = DEFAULT_WORKSPACE if memory_budget is None else memory_budget
