@@ -217,8 +217,8 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             if key_padding_mask is not None or (causal and Sq > Sk):
                 empty = ~visible.any(dim=-1, keepdim=True)      # (.., Sq, 1)
                 visible = visible | empty
-            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill(~visible, float("-inf"))
+            bias = torch.where(visible, torch.zeros((), dtype=q.dtype, device=q.device),
+                               torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
         if alibi_slopes is not None:            # (Hq, Sq, Sk) + (.., Sq, Sk)
             ab = alibi_bias(alibi_slopes.detach(), Sq, Sk, q.dtype)
             bias = ab if bias is None else bias + ab
