@@ -424,9 +424,14 @@ def _path_summary(decision) -> str:
     if decision.backend != "torch":
         return decision.backend
     path = decision.torch_path or ""
-    short = ("fused SDPA CPU kernel" if path.startswith("PyTorch's fused SDPA")
-             else "reference, S x S scores" if path.startswith("the plain reference")
-             else "chunked" if path.startswith("chunks") else path)
+    if path.startswith("PyTorch's fused SDPA"):
+        short = "fused SDPA CPU kernel"
+    elif path.startswith("the plain reference"):   # "...scores: dropout_p > 0 (why)"
+        short = "reference, S x S scores: " + path.split("scores: ", 1)[-1].split(" (")[0]
+    elif path.startswith("chunks"):
+        short = "chunked"
+    else:
+        short = path
     why = next((f"{b}: {r}" for b, r in decision.reasons.items() if r and b != "torch"
                 and "need CUDA tensors" not in r and "TRITON_INTERPRET" not in r), None)
     return f"torch ({short})" + (f" — {why}" if why else "")

@@ -371,6 +371,9 @@ def _gib(n: float) -> str:
     return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB"
 
 
+HEADROOM = 0.9  # a run may plan to use this much of the free memory (allocator slack, others)
+
+
 def memory_preflight(model_cfg, batch_size: int, device: torch.device, bf16: bool,
                      available: Optional[int] = None) -> Dict[str, int]:
     """Raise MemoryPreflightError, saying what to change, when a training step would need
@@ -378,7 +381,7 @@ def memory_preflight(model_cfg, batch_size: int, device: torch.device, bf16: boo
     need = estimate_step_memory(model_cfg, batch_size, device, bf16)
     have = available if available is not None else available_memory(device)
     total = sum(need.values())
-    if have is None or total <= have:
+    if have is None or total <= HEADROOM * have:
         return need
     parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items() if v > 0)
     advice = "lower --batch-size (--grad-accum keeps the tokens per step) or --block-size"
@@ -389,7 +392,7 @@ def memory_preflight(model_cfg, batch_size: int, device: torch.device, bf16: boo
         advice = "the model alone does not fit: choose a smaller --preset"
     raise MemoryPreflightError(
         f"a training step needs about {_gib(total)} ({parts}) but {device.type} has "
-        f"{_gib(have)} available: {advice}")
+        f"{_gib(have)} available (runs use at most {HEADROOM:.0%} of it): {advice}")
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:

@@ -12,7 +12,9 @@ linear_cross_entropy has two schedules (see kernels/cross_entropy.py for their c
   lean      (default): forward keeps only the per-row lse; backward recomputes the logits.
   budgeted  (memory_budget > LEAN_BUDGET, reduction mean/sum, gradients wanted): the gradients
             are computed in the forward for a unit upstream gradient, and backward only scales
-            them. An lse gradient (return_lse=True and lse used in the loss) falls back to the
+            them (in place, unless the graph is kept). The "torch" backend on CPU tensors uses
+            this one-pass schedule by default (memory_budget=None) with its small chunks: the
+            gradients it holds are the ones backward would allocate anyway. An lse gradient (return_lse=True and lse used in the loss) falls back to the
             lean backward for that part.
 """
 from __future__ import annotations
@@ -428,8 +430,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     Same options and result as `cross_entropy(hidden @ weight.T + bias, targets, ...)`.
     Memory above the inputs and their gradients is O(chunk x V), never O(N x V).
     memory_budget: bytes of working memory the op may use. None (the default, about 64 MiB):
-    the lean schedule, logits recomputed in backward. Larger, with reduction mean/sum: the
-    budgeted schedule, gradients computed in forward (fewer FLOPs, more memory).
+    the lean schedule, logits recomputed in backward (on CPU tensors with the "torch" backend:
+    one pass with ~20 MiB chunks when gradients are wanted). Larger, with reduction mean/sum:
+    the budgeted schedule, gradients computed in forward (fewer FLOPs, more memory).
     """
     decision, h, w, b, t = _plan_lce(hidden, weight, targets, bias=bias,
                                      ignore_index=ignore_index, reduction=reduction,

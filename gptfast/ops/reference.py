@@ -1,11 +1,15 @@
 """Plain-PyTorch references for every gptfast op.
 
 These are the `backend="torch"` implementations (the CPU path, and the path for any option a
-kernel backend does not support) and the semantics every kernel is tested against. They are
-written for clarity, not speed, with two exceptions that matter for memory:
+kernel backend does not support) and the semantics every kernel is tested against:
 
+* `attention` is the definition, written for clarity: it materializes the (B, Hq, Sq, Sk)
+  scores. The backend runs `attention_torch`, which gives the same results on PyTorch's fused
+  SDPA CPU kernel wherever the options allow (see the section below) and falls back to
+  `attention` otherwise.
 * `linear_cross_entropy_*` never materialize the full (N, V) logits: they walk the tokens in
-  chunks and recompute each chunk's logits in backward, so the extra memory is O(chunk x V).
+  chunks (one reused buffer, turned in place into the gradient), so the extra memory is
+  O(chunk x V); with gradients wanted, one pass computes loss and gradients together.
 * Everything accumulates in fp32 (fp64 stays fp64) whatever the input dtype.
 
 Masks, with offset = Sk - Sq (bottom-right alignment, what a KV cache needs):
