@@ -22,7 +22,7 @@ empty :=
 space := $(empty) $(empty)
 MARK_unit := not ($(subst $(space), or ,$(OTHER_MARKERS)))
 
-.PHONY: install test test-fast demo gpu-check bench clean $(addprefix test-,$(SUITES))
+.PHONY: install test test-fast demo gpu-check bench bench-host clean $(addprefix test-,$(SUITES))
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ demo: install
 
 bench: install
 	$(VPY) -m gptfast.cli bench attention --quick
+
+# Host cost per call against PyTorch's own ops (pytest-benchmark); writes benchmarks/results/host/.
+bench-host: install
+	$(VPY) -m pytest -q -s -p no:cacheprovider benchmarks/bench_host.py
 
 # One call on a GPU machine (PyTorch, Triton, nvcc preinstalled, no network): installs in place
 # without dependencies, builds csrc/, runs the GPU tests, a short training run, quick benchmarks.

@@ -15,6 +15,6 @@ setup(
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels",
                  "gptfast.benchmarks": "benchmarks"},
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "pytest-benchmark"]},
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
 )

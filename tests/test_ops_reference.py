@@ -121,7 +121,7 @@ def sdpa_only(monkeypatch):
     runs instead."""
     from gptfast.ops import reference
     calls = []
-    reference._probe_sdpa_cpu_gqa()                 # its one-time check calls the kernel too
+    reference._sdpa_cpu_takes_gqa()                 # its one-time check calls the kernel too
     kernel = reference.sdpa_cpu_kernel
 
     def counting(*a, **kw):

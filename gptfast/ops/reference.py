@@ -20,7 +20,6 @@ Masks, with offset = Sk - Sq (bottom-right alignment, what a KV cache needs):
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
@@ -130,22 +129,30 @@ def sdpa_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tens
                     is_causal: bool, scale: float):
     """The ONE call into PyTorch's SDPA made by the torch backend -> (out, lse).
 
-    It calls the CPU flash-attention kernel directly, not `F.scaled_dot_product_attention`, so
-    an SDPA provider that routes PyTorch's SDPA to gptfast cannot loop back into gptfast. A
-    provider that overrides this very aten op points this function at the original kernel.
+    It calls PyTorch's CPU flash-attention kernel itself, never `F.scaled_dot_product_attention`
+    and never gptfast's override of the aten op (gptfast/sdpa.py, active under
+    TRITON_INTERPRET=1): `_cpu_flash.cpu_flash_attention` calls the kernel PyTorch had before
+    the override, so the torch backend cannot loop back into gptfast.
     """
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    from ._cpu_flash import cpu_flash_attention
+    return cpu_flash_attention(q, k, v, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
 
 
-@torch.compiler.assume_constant_result
+_GQA_NATIVE: Optional[bool] = None  # probed once, on the first eager call
+
+
 def _sdpa_cpu_takes_gqa() -> bool:
-    return _probe_sdpa_cpu_gqa()
+    """Does this torch's CPU kernel read grouped key/value heads itself? Inside a
+    torch.compile trace nothing is probed: the heads are repeated (right either way)."""
+    global _GQA_NATIVE
+    if _GQA_NATIVE is None:
+        if torch.compiler.is_compiling():
+            return False
+        _GQA_NATIVE = _probe_sdpa_cpu_gqa()
+    return _GQA_NATIVE
 
 
-@functools.lru_cache(maxsize=None)
 def _probe_sdpa_cpu_gqa() -> bool:
-    """Does this torch's CPU kernel read grouped key/value heads itself? (Checked once.)"""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 3, 8, generator=g, dtype=torch.float64)
     k, v = (torch.randn(1, 2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
