@@ -1,4 +1,5 @@
-"""Install gptfast; the top-level `kernels/` folder becomes `gptfast.kernels`.
+"""Install gptfast; the top-level `kernels/` folder becomes `gptfast.kernels` and
+`benchmarks/` becomes `gptfast.benchmarks` (so `gptfast bench` runs from an installed package).
 
 PyPI already has an unrelated package called `kernels`, so the Triton kernels are never
 installed under that name: `package_dir` maps them inside the gptfast namespace.
@@ -10,8 +11,10 @@ setup(
     version="0.1.0",
     description="Fused causal attention and fused linear cross-entropy kernels for GPT models",
     python_requires=">=3.9",
-    packages=["gptfast", "gptfast.ops", "gptfast.hf", "gptfast.kernels"],
-    package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
+    packages=["gptfast", "gptfast.ops", "gptfast.hf", "gptfast.kernels",
+              "gptfast.benchmarks"],
+    package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels",
+                 "gptfast.benchmarks": "benchmarks"},
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout", "pytest-benchmark"],

@@ -29,6 +29,7 @@ import gptfast  # gptfast.attention / gptfast.linear_cross_entropy are looked up
 __all__ = [
     "GPTConfig", "PRESETS", "get_config", "count_params", "alibi_slopes", "GPT", "shift_targets",
     "scheduled_sampling_inputs", "GPTForSequenceClassification", "param_groups",
+    "explain_paths",
 ]
 
 
@@ -450,6 +451,65 @@ class GPTForSequenceClassification(nn.Module):
 
     def loss(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(idx), labels)
+
+
+# ----------------------------------------------------------------------------- which paths run
+
+def explain_paths(model_or_config: Union[str, GPTConfig, "GPT"], *, device=None,
+                  batch_size: int = 1, seq_len: Optional[int] = None, training: bool = True,
+                  dtype: Optional[torch.dtype] = None) -> dict:
+    """Which backend (and, on "torch", which path) the model's attention and loss take here.
+
+    Returns {"attention": Decision, "linear_cross_entropy": Decision} for a training step
+    (training=True: gradients, dropout as configured) or a decoding forward (no gradients,
+    the loss op's entry describes the prompt's loss). device: default cuda when available;
+    dtype: default bf16 on CUDA (what `gptfast train` autocasts to), else fp32. Nothing of
+    the model's size is allocated: the inputs are expanded views of one small row.
+    """
+    if isinstance(model_or_config, GPT):
+        config = model_or_config.config
+    elif isinstance(model_or_config, GPTConfig):
+        config = model_or_config
+    else:
+        config = get_config(model_or_config)
+    device = torch.device(device if device is not None else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    T = seq_len or config.block_size
+    B, nh, nkv, hs = batch_size, config.n_head, config.n_kv_head, config.head_size
+
+    def rows(*shape):  # a (.., last) tensor of `shape` backed by one row of `last` elements
+        return torch.zeros(shape[-1], device=device, dtype=dtype,
+                           requires_grad=training).expand(*shape)
+
+    with torch.set_grad_enabled(training):
+        q, k, v = rows(B, nh, T, hs), rows(B, nkv, T, hs), rows(B, nkv, T, hs)
+        attn = gptfast.explain(gptfast.attention, q, k, v, causal=True,
+                               dropout_p=config.attn_dropout if training else 0.0,
+                               backend=config.backend)
+        hidden = rows(B * T, config.n_embd)
+        weight = rows(config.vocab_size, config.n_embd)
+        targets = torch.zeros(B * T, dtype=torch.long, device=device)
+        loss = gptfast.explain(gptfast.linear_cross_entropy, hidden, weight, targets,
+                               backend=config.backend)
+        from .ops import reference
+        materializes = attn.backend == "torch" and reference.sdpa_unsupported(
+            q, alibi_slopes=None, dropout_p=config.attn_dropout if training else 0.0,
+            return_lse=False) is not None
+    report = PathReport(attention=attn, linear_cross_entropy=loss)
+    report.attention_materializes_scores = materializes
+    return report
+
+
+class PathReport(dict):
+    """{"attention": Decision, "linear_cross_entropy": Decision}, printed one after the other;
+    `.attention_materializes_scores`: the attention runs on the plain reference, which keeps
+    (B, nh, T, T) scores (the memory preflight of `gptfast train` counts them)."""
+
+    attention_materializes_scores = False
+
+    def __str__(self) -> str:
+        return "\n".join(str(d) for d in self.values())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
