@@ -25,6 +25,7 @@ __all__ = [
     "fixed_batches",
     "unigram_baseline",
     "get_tokenizer",
+    "tokenizer_state",
 ]
 
 
@@ -70,10 +71,20 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=259, BOS=256, EOS=257, PAD=258)"
 
 
-def get_tokenizer(kind: str = "byte") -> ByteTokenizer:
-    if kind != "byte":
-        raise ValueError(f"unknown tokenizer kind {kind!r} (only 'byte' is supported)")
-    return ByteTokenizer()
+def get_tokenizer(kind: str = "byte", state: Optional[dict] = None):
+    """The tokenizer a checkpoint names: "byte", or "hf" (a Hugging Face tokenizer, rebuilt
+    from the `state` the checkpoint carries: see tokenizer_state)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf" and isinstance(state, dict) and "json" in state:
+        from .hf.tokenizer import HFTokenizer
+        return HFTokenizer.from_state(state)
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'byte', or 'hf' with its state)")
+
+
+def tokenizer_state(tok) -> Optional[dict]:
+    """What a checkpoint stores besides `tok.kind` to rebuild `tok` (None for bytes)."""
+    return tok.state() if hasattr(tok, "state") else None
 
 
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 
+import gptfast
 import gptfast.hf
 from gptfast.hf import CheckpointFormatError, load_bloom, load_gpt2, load_model, load_tokenizer
 from gptfast.hf.checkpoint import bloom_config, convert_from_hf
@@ -303,3 +304,77 @@ def test_corpus_with_the_folders_tokenizer(hf_folder, tmp_path):
     big = load_tokenizer(hf_folder)
     big.tokenizer.add_tokens([f"<extra_{i}>" for i in range(40000)])  # > 32768 ids: int32
     assert load_corpus(tmp_path, tokenizer=big).train.dtype == torch.int32
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+def _run(argv):
+    from gptfast import cli
+    try:
+        return cli.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_cli_generate_hf_reads_like_the_models_own(hf_folder, capsys):
+    """`gptfast generate --hf FOLDER`: the folder's model and tokenizer; greedy output is the
+    prompt followed by what transformers generates, decoded by transformers' tokenizer."""
+    prompt = "def  f(x):\n    return ✓"
+    assert _run(["generate", "--hf", str(hf_folder), "--prompt", prompt, "--greedy",
+                 "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    own = transformers.AutoTokenizer.from_pretrained(hf_folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
+    ids = own(prompt, return_tensors="pt").input_ids
+    out = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=own.eos_token_id)
+    new = out[0, ids.shape[1]:].tolist()
+    if own.eos_token_id in new:
+        new = new[: new.index(own.eos_token_id)]
+    assert printed == prompt + own.decode(new) + "\n"
+
+
+def test_cli_generate_hf_bad_folders(hf_folder, tmp_path, capsys):
+    assert _run(["generate", "--hf", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--hf" in err and "no tokenizer" in err
+    shutil.copy(hf_folder / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert _run(["generate", "--hf", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--hf" in err and "config.json: not found" in err
+    assert _run(["generate", "--hf", str(hf_folder), "--ckpt", "x", "--prompt", "x"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_cli_train_with_the_folders_tokenizer(hf_folder, tmp_path, capsys):
+    """`gptfast train --tokenizer FOLDER`: the data tokenized by it, the model sized to its
+    vocabulary, the checkpoint carrying it (generate and gptfast.load use it)."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT * 200, encoding="utf-8")
+    out = tmp_path / "run"
+    assert _run(["train", "--preset", "tiny", "--tokenizer", str(hf_folder), "--data", str(data),
+                 "--out", str(out), "--steps", "2", "--batch-size", "2", "--block-size", "32",
+                 "--eval-batches", "1", "--no-plot", "--no-progress", "--device", "cpu",
+                 "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    tok = load_tokenizer(hf_folder)
+    assert f"tokenizer: {hf_folder / 'tokenizer.json'} ({tok.vocab_size} ids)" in printed
+    model, loaded = gptfast.load(out)
+    assert model.config.vocab_size == tok.vocab_size and loaded.kind == "hf"
+    assert loaded.encode(TEXT) == tok.encode(TEXT) and loaded.eos_id == tok.eos_id
+    assert _run(["generate", "--ckpt", str(out), "--prompt", "def", "--greedy",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("def")
+    assert _run(["train", "--tokenizer", str(tmp_path / "none"), "--steps", "1"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_byte_tokenizer_on_a_bpe_sized_preset_says_so(tmp_path, capsys):
+    from gptfast.train import TrainConfig, train
+    data = tmp_path / "corpus.txt"
+    data.write_text(TEXT * 50, encoding="utf-8")
+    train(TrainConfig(preset="tiny", model_overrides=dict(vocab_size=1000), data=str(data),
+                      out_dir=str(tmp_path / "run"), steps=1, batch_size=2, block_size=16,
+                      eval_batches=1, plot=False, progress=False, device="cpu"))
+    printed = capsys.readouterr().out
+    assert ("tokenizer: byte-level (259 ids), not the BPE tokenizer preset tiny's 1000-token "
+            "vocabulary was made for") in printed

@@ -36,6 +36,22 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    # ByteTokenizer's constant names (BOS/EOS/PAD), for code written against it
+    BOS = property(lambda self: self.bos_id)
+    EOS = property(lambda self: self.eos_id)
+    PAD = property(lambda self: self.pad_id)
+
+    def state(self) -> dict:
+        """Everything to rebuild it (plain strings and ints: a checkpoint carries it)."""
+        return dict(json=self.tokenizer.to_str(), path=self.path, bos_id=self.bos_id,
+                    eos_id=self.eos_id, pad_id=self.pad_id)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "HFTokenizer":
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_str(state["json"]), state.get("path"), state.get("bos_id"),
+                   state.get("eos_id"), state.get("pad_id"))
+
     def encode(self, text: Union[str, bytes], bos: bool = False, eos: bool = False) -> List[int]:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
