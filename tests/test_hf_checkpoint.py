@@ -366,6 +366,12 @@ def test_cli_train_with_the_folders_tokenizer(hf_folder, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def")
     assert _run(["train", "--tokenizer", str(tmp_path / "none"), "--steps", "1"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+    csv = tmp_path / "cls.csv"
+    csv.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(6)))
+    assert _run(["finetune", "--ckpt", str(out), "--data", str(csv), "--out",
+                 str(tmp_path / "cls")]) == 2
+    err = capsys.readouterr().err
+    assert "--ckpt" in err and "Hugging Face tokenizer" in err
 
 
 def test_byte_tokenizer_on_a_bpe_sized_preset_says_so(tmp_path, capsys):

@@ -344,6 +344,17 @@ def test_unpatch_keeps_another_librarys_forward_wrapper():
     assert model.forward is wrapper
 
 
+def test_a_failed_patch_leaves_nothing_behind(monkeypatch):
+    """transformers refusing the switch (it only warns) is an error, and what patch had already
+    changed is undone."""
+    model = build("llama")
+    monkeypatch.setattr(model, "set_attn_implementation", lambda impl: None)
+    with pytest.raises(RuntimeError, match="did not switch"):
+        gptfast.hf.patch(model)
+    assert not gptfast.hf.is_patched(model) and model.config._attn_implementation == "eager"
+    assert not any(hasattr(m, "_gptfast_backend") for m in model.modules())
+
+
 def test_unknown_architecture_names_the_supported_ones():
     cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                                      num_hidden_layers=1, num_attention_heads=2,

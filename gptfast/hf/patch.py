@@ -124,10 +124,20 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True,
     if getattr(model, "_gptfast_patch", None) is not None:
         unpatch(model)
     arch_name, route = ARCHITECTURES[model_type]
-    config = model.config
     state = _State(PatchReport(arch_name, backend, "unchanged (attention=False)",
                                "unchanged (cross_entropy=False)"))
+    model._gptfast_patch = state  # recorded as it goes: a failure below is undone whole
+    try:
+        _apply(model, state, model_type, route, attention, cross_entropy, backend)
+    except BaseException:
+        unpatch(model)
+        raise
+    return state.report
 
+
+def _apply(model, state: _State, model_type: str, route: str, attention: bool,
+           cross_entropy: bool, backend: str) -> None:
+    config, arch_name = model.config, state.report.architecture
     if attention:
         refused = _refusals(model_type, config)
         softcap = getattr(config, "attn_logit_softcapping", None)
@@ -143,6 +153,9 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True,
         else:
             register()
             state.previous_attn = config._attn_implementation
+            for module in _attention_modules(model):
+                module._gptfast_backend = backend
+                state.modules.append(module)
             if route == "interface":
                 model.set_attn_implementation(NAME)
                 if config._attn_implementation != NAME:  # transformers refused, and only warned
@@ -153,9 +166,6 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True,
                 for module in _attention_modules(model):
                     _replace_forward(state, module,
                                      types.MethodType(bloom_attention_forward, module))
-            for module in _attention_modules(model):
-                module._gptfast_backend = backend
-                state.modules.append(module)
             state.report.attention = "gptfast" + (" (ALiBi as slopes)" if route == "module"
                                                   else "")
 
@@ -171,8 +181,6 @@ def patch(model, *, attention: bool = True, cross_entropy: bool = True,
             state.report.cross_entropy = "gptfast.linear_cross_entropy" + (
                 f" (final logit softcap {softcap})" if softcap is not None else "") + \
                 "; logits are not returned with labels"
-    model._gptfast_patch = state
-    return state.report
 
 
 def unpatch(model) -> bool:
