@@ -111,7 +111,7 @@ def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_
         raise ValueError("gptfast attention cannot run this model's mask: it overlays a custom "
                          "mask function (or_mask_function / and_mask_function, e.g. bidirectional "
                          "image tokens). Unpatch the model (gptfast.hf.unpatch) to use it.")
-    if mask_function is not masking_utils.causal_mask_function and not _tracing():
+    if mask_function not in (None, masking_utils.causal_mask_function) and not _tracing():
         _check_pattern(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
                        local_size, device)
     config = kwargs.get("config")
