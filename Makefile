@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 # in pyproject.toml) with its own time budget in seconds (wall clock, 2 cores, cold caches); a
 # suite that outgrows its budget fails instead of slowing CI down unnoticed. The "unit" suite is
 # every test that carries none of the other markers (and is not a GPU test).
-SUITES := unit attention_kernel ce_kernel static_check
+SUITES := unit attention_kernel ce_kernel static_check hf
 BUDGET_unit             ?= 600
 BUDGET_attention_kernel ?= 1200
 BUDGET_ce_kernel        ?= 600
 BUDGET_static_check     ?= 300
+BUDGET_hf               ?= 300
 OTHER_MARKERS := $(filter-out unit,$(SUITES))
 empty :=
 space := $(empty) $(empty)
@@ -27,7 +28,7 @@ MARK_unit := not ($(subst $(space), or ,$(OTHER_MARKERS)))
 $(STAMP): setup.py pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q "torch>=2.6"
-	$(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	$(VPY) -m pip install -q --no-build-isolation -e ".[dev,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)

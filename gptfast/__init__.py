@@ -6,6 +6,7 @@
 
 `gptfast.explain(gptfast.attention, q, k, v)` says which backend runs and why.
 `gptfast.use_for_sdpa()` makes F.scaled_dot_product_attention's flash path run gptfast's kernels.
+`gptfast.hf.patch(model)` runs a transformers model's attention and loss on them (gptfast.hf).
 """
 from . import nn, sdpa
 from .ops import BackendError, attention, cross_entropy, linear_cross_entropy, report
@@ -45,6 +46,14 @@ def load(path, device="cpu"):
     from .train import load_any
     model, tok, _ = load_any(path, device)
     return model, tok
+
+
+def __getattr__(name):
+    # gptfast.hf (Hugging Face models) loads on first use: `import gptfast` stays light
+    if name == "hf":
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'gptfast' has no attribute {name!r}")
 
 
 def count_params(name_or_config) -> int:

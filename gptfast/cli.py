@@ -1,7 +1,7 @@
 """The ``gptfast`` command line (also ``python -m gptfast``).
 
     gptfast train    [--preset tiny] [--data PATH] [--out DIR] [--steps N] ... [--resume [CKPT]]
-    gptfast generate --ckpt PATH --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
+    gptfast generate --ckpt PATH | --hf FOLDER --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K]
                      [--top-p P] [--greedy] [--num-beams N [--length-penalty L]] [--seed S]
     gptfast finetune --ckpt PATH --data FILE.csv|.jsonl [--text-column C] [--label-column C]
                      [--pooling last|mean|max] [--epochs N] [--out DIR] ...
@@ -114,6 +114,9 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     d = t.add_argument_group("data")
     d.add_argument("--data", default=None, help="text file or folder (default: embedded stdlib corpus)")
     d.add_argument("--max-bytes", type=POSITIVE, default=None, help="cap on the text read")
+    d.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="a Hugging Face folder's tokenizer (tokenizer.json, or vocab.json + merges.txt; "
+                        "the model takes its vocabulary size) instead of bytes")
     o = t.add_argument_group("optimization")
     o.add_argument("--steps", type=POSITIVE, default=200, help="total optimizer steps")
     o.add_argument("--batch-size", type=POSITIVE, default=16)
@@ -144,7 +147,10 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
 
 
 def add_generate_arguments(g: argparse.ArgumentParser) -> None:
-    g.add_argument("--ckpt", required=True, help="checkpoint file (ckpt.pt) or a run folder")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="checkpoint file (ckpt.pt) or a run folder")
+    src.add_argument("--hf", metavar="FOLDER",
+                     help="a Hugging Face GPT-2 or BLOOM folder (config.json, weights, tokenizer; needs gptfast[hf])")
     g.add_argument("--prompt", default="", help="text to continue")
     g.add_argument("--max-new-tokens", type=COUNT, default=200)
     s = g.add_argument_group("sampling (the default: temperature 0.8)")
@@ -267,13 +273,17 @@ def _cmd_train(a) -> int:
         raise UsageError(f"--preset: unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
     if a.data is not None and not Path(a.data).expanduser().exists():
         raise UsageError(f"--data: path not found: {a.data}")
+    if a.tokenizer is not None:
+        if a.resume is not None:
+            raise UsageError("--tokenizer: a resumed run keeps its checkpoint's tokenizer; drop --tokenizer")
+        _hf_tokenizer("--tokenizer", a.tokenizer)  # a bad path is a usage error before anything runs
     if a.resume is not None:
         rpath = Path(a.resume) if a.resume else Path(a.out) / "ckpt.pt"
         _check_ckpt("--resume", rpath)
     device = _device(a.device)
     cfg = TrainConfig(
         preset=a.preset, block_size=a.block_size, dropout=a.dropout, attn_dropout=a.attn_dropout,
-        data=a.data, max_bytes=a.max_bytes, steps=a.steps, batch_size=a.batch_size,
+        data=a.data, tokenizer=a.tokenizer, max_bytes=a.max_bytes, steps=a.steps, batch_size=a.batch_size,
         grad_accum=a.grad_accum, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup,
         decay_steps=a.decay_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
         scheduled_sampling=a.scheduled_sampling, eval_every=a.eval_every,
@@ -302,14 +312,53 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _hf_tokenizer(flag: str, path: str):
+    try:
+        from .hf.tokenizer import load_tokenizer
+        return load_tokenizer(Path(path).expanduser())
+    except ImportError as e:
+        raise UsageError(f"{flag}: needs the hf extra (pip install 'gptfast[hf]'): {e}") from None
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def _load_for_generate(a, device):
+    """(model, tokenizer, prompt ids) from --ckpt or --hf."""
+    from .checkpoint import CheckpointError
+
+    if a.hf is None:
+        from .train import load_model
+        try:
+            model, tok, _ = load_model(_checkpoint_path("--ckpt", a.ckpt), device)
+        except CheckpointError as e:
+            raise UsageError(f"--ckpt: {e}") from None
+    else:
+        tok = _hf_tokenizer("--hf", a.hf)
+        try:
+            from .hf.checkpoint import load_model as load_hf
+            model = load_hf(Path(a.hf).expanduser(), device=device)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--hf: {e}") from None
+        if tok.vocab_size > model.config.vocab_size:
+            raise UsageError(f"--hf: the tokenizer has {tok.vocab_size} ids, the model "
+                             f"{model.config.vocab_size}")
+    if tok.kind == "byte":
+        ids = tok.encode(a.prompt, bos=True)
+    else:  # HF models continue the prompt's own tokens; an empty prompt starts a document
+        ids = tok.encode(a.prompt)
+        start = tok.bos_id if tok.bos_id is not None else tok.eos_id
+        if not ids:
+            if start is None:
+                raise UsageError("--prompt: empty, and the tokenizer has no BOS/EOS token to start from")
+            ids = [start]
+    return model, tok, ids
+
+
 def _cmd_generate(a) -> int:
     import torch
 
-    from .checkpoint import CheckpointError
     from .generate import beam_search, generate
-    from .train import load_model
 
-    path = _checkpoint_path("--ckpt", a.ckpt)
     if a.num_beams is not None:
         sampling = [f for f, v in (("--temperature", a.temperature), ("--top-k", a.top_k),
                                    ("--top-p", a.top_p), ("--greedy", a.greedy or None))
@@ -321,11 +370,7 @@ def _cmd_generate(a) -> int:
     elif a.length_penalty is not None:
         raise UsageError("--length-penalty: only used by beam search (add --num-beams N)")
     device = _device(a.device)
-    try:
-        model, tok, _ = load_model(path, device)
-    except CheckpointError as e:
-        raise UsageError(f"--ckpt: {e}") from None
-    ids = tok.encode(a.prompt, bos=True)
+    model, tok, ids = _load_for_generate(a, device)
     block = model.config.block_size
     if len(ids) >= block:
         raise UsageError(f"--prompt: {len(ids)} tokens, but the model's context is {block} tokens")
@@ -338,7 +383,7 @@ def _cmd_generate(a) -> int:
         gen = torch.Generator(device=device).manual_seed(a.seed)
     if a.num_beams is not None:
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        out, score = beam_search(model, idx, n_new, a.num_beams, eos_id=tok.EOS,
+        out, score = beam_search(model, idx, n_new, a.num_beams, eos_id=tok.eos_id,
                                  length_penalty=1.0 if a.length_penalty is None else a.length_penalty)
         rows = out.tolist()
         print(f"gptfast: beam search, {a.num_beams} beams: best score {score:.4f} "
@@ -347,12 +392,12 @@ def _cmd_generate(a) -> int:
     else:
         idx = torch.tensor([ids] * a.num_samples, dtype=torch.long, device=device)
         rows = generate(model, idx, n_new, temperature=0.8 if a.temperature is None else a.temperature,
-                        top_k=a.top_k, top_p=a.top_p, greedy=a.greedy, eos_id=tok.EOS,
+                        top_k=a.top_k, top_p=a.top_p, greedy=a.greedy, eos_id=tok.eos_id,
                         use_cache=not a.no_cache, generator=gen).tolist()
     for i, row in enumerate(rows):
         new = row[len(ids):]
-        if tok.EOS in new:
-            new = new[: new.index(tok.EOS)]
+        if tok.eos_id in new:
+            new = new[: new.index(tok.eos_id)]
         if len(rows) > 1:
             print(f"---- sample {i + 1} ----")
         print(a.prompt + tok.decode(new))

@@ -213,6 +213,10 @@ def finetune(cfg: FinetuneConfig) -> Dict[str, Any]:
     say = print if cfg.verbose else (lambda *a, **k: None)
     device = resolve_device(cfg.device)
     gpt, tok, base = load_model(cfg.ckpt, device)
+    if tok.kind != "byte":  # padding and pooling masks are defined on the byte tokenizer's PAD
+        from .checkpoint import CheckpointError
+        raise CheckpointError(f"{cfg.ckpt}: trained with a Hugging Face tokenizer ({tok.path}); "
+                              f"fine-tuning takes checkpoints trained on bytes")
     examples = read_examples(cfg.data, cfg.text_column, cfg.label_column, cfg.data_format)
     labels = sorted({label for _, label in examples})
     if len(labels) < 2:

@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import BatchSampler, ByteTokenizer, fixed_batches, get_tokenizer, load_corpus, unigram_baseline
+from .data import (BatchSampler, ByteTokenizer, fixed_batches, get_tokenizer, load_corpus,
+                   tokenizer_state, unigram_baseline)
 
 __all__ = [
     "TrainConfig",
@@ -57,6 +58,7 @@ class TrainConfig:
     model_overrides: Dict[str, Any] = field(default_factory=dict)  # any other GPTConfig field
     # data
     data: Optional[str] = None  # None: the embedded stdlib corpus; else a text file or folder
+    tokenizer: Optional[str] = None  # None: bytes; else a Hugging Face folder or tokenizer.json
     max_bytes: Optional[int] = None  # cap on the text read (None: everything)
     val_fraction: float = 0.05
     # optimization
@@ -293,8 +295,17 @@ def _lm_from_checkpoint(ckpt: Dict[str, Any], path, device):
                               f"model; load it with gptfast.load")
     model = _build_gpt(ckpt, path)
     check_finite_weights(ckpt["model"], path)
-    tok = get_tokenizer(ckpt.get("tokenizer", "byte"))
+    tok = _checkpoint_tokenizer(ckpt, path)
     return model.to(device).eval(), tok, ckpt
+
+
+def _checkpoint_tokenizer(ckpt: Dict[str, Any], path):
+    from .checkpoint import CheckpointError
+
+    try:
+        return get_tokenizer(ckpt.get("tokenizer", "byte"), ckpt.get("tokenizer_state"))
+    except Exception as e:  # a missing package, a corrupt tokenizer JSON, an unknown kind
+        raise CheckpointError(f"{path}: its tokenizer cannot be rebuilt ({type(e).__name__}: {e})") from e
 
 
 def load_any(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
@@ -305,7 +316,7 @@ def load_any(path: Union[str, os.PathLike], device: Union[str, torch.device] = "
         from .finetune import classifier_from_checkpoint
 
         model = classifier_from_checkpoint(ckpt, path)
-        return model.to(device).eval(), get_tokenizer(ckpt.get("tokenizer", "byte")), ckpt
+        return model.to(device).eval(), _checkpoint_tokenizer(ckpt, path), ckpt
     return _lm_from_checkpoint(ckpt, path, device)
 
 
@@ -510,7 +521,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     # model config: the checkpoint's when resuming, else preset + overrides
     if resume_state is not None:
         model_cfg = _model_config(resume_state["model_config"])
-        tok = get_tokenizer(resume_state.get("tokenizer", "byte"))
+        tok = _checkpoint_tokenizer(resume_state, rpath)
     else:
         overrides = dict(cfg.model_overrides)
         if cfg.block_size is not None:
@@ -519,11 +530,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             overrides["dropout"] = cfg.dropout
         if cfg.attn_dropout is not None:
             overrides["attn_dropout"] = cfg.attn_dropout
+        if cfg.tokenizer is not None:  # a Hugging Face folder's: the model takes its vocabulary
+            from .hf.tokenizer import load_tokenizer
+            tok = load_tokenizer(cfg.tokenizer)
+            overrides.setdefault("vocab_size", tok.vocab_size)
+        else:
+            tok = ByteTokenizer()
         model_cfg = get_config(cfg.preset, **overrides)
-        tok = ByteTokenizer()
     if model_cfg.vocab_size < tok.vocab_size:
         raise ValueError(
-            f"preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} < the byte tokenizer's {tok.vocab_size}"
+            f"preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} < the {tok.kind} "
+            f"tokenizer's {tok.vocab_size}"
         )
     T = model_cfg.block_size
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
@@ -579,6 +596,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         f"{' compiled' if cfg.compile else ''}"
     )
     say(f"data: {corpus.describe()}")
+    if tok.kind == "byte" and model_cfg.vocab_size > tok.vocab_size:
+        say(f"tokenizer: byte-level ({tok.vocab_size} ids), not the BPE tokenizer preset "
+            f"{cfg.preset}'s {model_cfg.vocab_size}-token vocabulary was made for (ids >= "
+            f"{tok.vocab_size} stay unused); --tokenizer PATH trains with a Hugging Face one")
+    elif tok.kind != "byte":
+        say(f"tokenizer: {tok.path} ({tok.vocab_size} ids)")
     if baseline is not None:
         say(f"unigram baseline (val): {baseline:.4f} nats/token")
     if resume_state is not None:
@@ -592,6 +615,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "model_config": dataclasses.asdict(model_cfg),
             "train_config": dataclasses.asdict(cfg),
             "tokenizer": tok.kind,
+            "tokenizer_state": tokenizer_state(tok),
             "sampler": sampler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
