@@ -12,6 +12,7 @@ setup(
     python_requires=">=3.9",
     packages=["gptfast", "gptfast.ops", "gptfast.kernels"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
+    package_data={"gptfast.kernels": ["*_configs.json"]},  # the launch configuration tables
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
     extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
