@@ -1,0 +1,80 @@
+"""scripts/static_table.py: the kernels compiled as the GPU runtime compiles them (sm_90a, no
+GPU), and the committed static tables under benchmarks/results/static/."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STATIC = ROOT / "benchmarks" / "results" / "static"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _launched(module: str):
+    import re
+    src = (ROOT / "kernels" / f"{module}.py").read_text()
+    jitted = re.findall(r"@triton\.jit\s*\ndef (\w+)\(", src)
+    return [name for name in jitted if re.search(rf"\b{name}\[", src)]
+
+
+@pytest.mark.static_check
+def test_quick_gate(tmp_path):
+    """The make-test gate: every kernel compiles for sm_90a through Triton's JIT with the
+    runtime's specialization; default configurations neither spill nor exceed shared memory,
+    and 16-bit kernels with dots use wgmma (static_table.py exits 1 otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "static_table.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=290)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    (path,) = tmp_path.glob("triton-*.json")
+    data = json.loads(path.read_text())
+    assert data["problems"] == []
+    rows = data["rows"]
+    compiled = {r["kernel"] for r in rows}
+    for name in _launched("attention") + _launched("cross_entropy"):
+        assert name in compiled, f"{name} not compiled:\n{out[-4000:]}"
+
+    def row(kernel, **constexprs):
+        found = [r for r in rows if r["kernel"] == kernel
+                 and all(r["constexprs"].get(k) == v for k, v in constexprs.items())]
+        assert found, (kernel, constexprs)
+        return found[0]
+
+    # The runtime's typing, which a hand-written signature misses: dO's last stride is 1 (a
+    # constant), pointers and multiples of 16 carry divisibility hints.
+    kv = row("_attn_bwd_dkdv", HEAD_DIM=128, IS_CAUSAL=True)
+    assert "stride_dok" in kv["specialization"]["constant_1"]
+    assert {"Q", "K", "Sq", "Sk", "stride_qm"} <= set(kv["specialization"]["divisible_by_16"])
+    # ... and what it buys: the d=128 forward pipelines K/V with cp.async into 128 KiB of shared
+    # memory and runs its products on wgmma; the lean linear CE forward loads asynchronously.
+    fwd = row("_attn_fwd", HEAD_DIM=128, IS_CAUSAL=True)
+    assert fwd["shared"] == 128 * 1024
+    loop = fwd["sass"]["main_loop"]
+    assert loop["loads"].get("LDGSTS") and loop["tensor_core_kind"] == "wgmma"
+    assert "_attn_fwd_inner" in loop["call_site"]
+    assert row("_lce_fwd_kernel")["sass"]["main_loop"]["loads"].get("LDGSTS")
+    for r in rows:
+        assert r["registers"] and r["spill"] == [0, 0], r["kernel"]
+
+
+@pytest.mark.parametrize("version", ["3.8.0", "3.6.0"])
+def test_committed_tables(version):
+    """The committed tables: both archs, every launched kernel, no problem, no spill."""
+    data = json.loads((STATIC / f"triton-{version}.json").read_text())
+    meta = data["meta"]
+    assert meta["triton"] == version and meta["archs"] == ["sm_90a", "sm_80"]
+    assert len(meta["kernel_hash"]) == 12 and not meta["quick"]
+    assert data["problems"] == []
+    rows = data["rows"]
+    for arch in ("sm_90a", "sm_80"):
+        compiled = {r["kernel"] for r in rows if r["arch"] == arch}
+        assert set(_launched("attention") + _launched("cross_entropy")) <= compiled, arch
+    spilling = [(r["arch"], r["kernel"], r["dtype"], r["features"]) for r in rows
+                if r["spill"] is None or any(r["spill"])]
+    assert spilling == []
+    assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
