@@ -38,14 +38,15 @@ import os
 import sys
 import tempfile
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    # Triton chooses interpreter or compiler when a kernel is decorated: decide before import.
-    os.environ.pop("TRITON_INTERPRET")
-    os.execv(sys.executable, [sys.executable] + sys.argv)
-# A private, empty cache: every kernel is compiled here, so ptxas's log (registers, spills) is
-# seen for each; and the run time measured is the cold one.
-_CACHE = tempfile.TemporaryDirectory(prefix="gptfast-static-")
-os.environ["TRITON_CACHE_DIR"] = _CACHE.name
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # Triton chooses interpreter or compiler when a kernel is decorated: decide before import.
+        os.environ.pop("TRITON_INTERPRET")
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    # A private, empty cache: every kernel is compiled here, so ptxas's log (registers,
+    # spills) is seen for each; and the run time measured is the cold one.
+    _CACHE = tempfile.TemporaryDirectory(prefix="gptfast-static-")
+    os.environ["TRITON_CACHE_DIR"] = _CACHE.name
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -498,8 +499,9 @@ def missing_kernels(rows: List[dict], archs: List[str]) -> List[str]:
 def _dim(r: dict) -> str:
     c = r["constexprs"]
     if "HEAD_DIM" in c:
-        gqa = [t for s in r["shapes"] for t in s.split() if t.startswith("H=") and "/" in t]
-        return f"d={c['HEAD_DIM']}" + (f" {gqa[0]}" if gqa else "")
+        heads = [t for s in r["shapes"] for t in s.split() if t.startswith("H=")]
+        gqa = heads and all("/" in t for t in heads)  # a kernel only GQA launches compiled
+        return f"d={c['HEAD_DIM']}" + (f" {heads[0]}" if gqa else "")
     return r["shapes"][0].split(" N=")[0]
 
 
@@ -513,7 +515,7 @@ def _config_text(r: dict) -> str:
 
 
 def _counts(d: dict) -> str:
-    return " ".join(f"{k}{'' if v == 1 else ' ' + str(v)}" for k, v in d.items()) or "-"
+    return " ".join(f"{k} {v}" for k, v in d.items()) or "-"
 
 
 def _row_md(r: dict) -> str:
@@ -528,12 +530,20 @@ def _row_md(r: dict) -> str:
     bars = _counts(ml.get("memory_barriers", {}))
     sync = ml.get("sync", {}).get("BAR", 0)
     atom = sum(ml.get("atomics", {}).values()) if ml else 0
-    site = (ml.get("call_site") or "").split(" ", 1)[0]
+    site = _site_label(ml.get("call_site") or "")
     return (f"| {r['kernel']} | {r['dtype']} | {_dim(r)} | {feats} | {_config_text(r)} | "
             f"{r['registers']} | {spill} | {r['shared'] / 1024:.1f} | {tc_kernel} | "
             f"{ml.get('instructions', '-')} | {ml.get('per_element', '-')} | "
             f"{_counts(_tc(ml)) if ml else '-'} | "
             f"{loads} | {bars} | {sync} | {atom} | {site} |")
+
+
+def _site_label(call_site: str) -> str:
+    """"attention.py:260 acc, ... = _attn_fwd_inner(  # interior: no mask math" ->
+    "attention.py:260 (interior: no mask math)": the location, and the line's comment if any."""
+    where, _, text = call_site.partition(" ")
+    comment = text.split("#", 1)[1].strip() if "#" in text else ""
+    return f"{where} ({comment})" if comment else where
 
 
 def _tc(ml: dict) -> dict:

@@ -78,3 +78,36 @@ def test_committed_tables(version):
                 if r["spill"] is None or any(r["spill"])]
     assert spilling == []
     assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
+
+
+def _row(**kw):
+    row = {"arch": "sm_90a", "kernel": "_attn_fwd", "dtype": "bf16", "features": [],
+           "constexprs": {"HEAD_DIM": 128, "BLOCK_D": 128}, "shapes": ["B=2 H=16 S=4096 d=128"],
+           "registers": 200, "spill": [0, 0], "shared": 1024, "shared_limit": 232448,
+           "gate": True, "has_dot": True, "sass": {"tensor_core": {"HGMMA": 4},
+                                                   "tensor_core_kind": "wgmma"}}
+    row.update(kw)
+    return row
+
+
+def test_gate_rules():
+    """What fails the gate: any shared memory overflow; on sm_90a with default features a spill
+    or 16-bit dots without wgmma (known exceptions aside); spills with features only --strict."""
+    import static_table as T  # imported, not run: no compiling here
+    assert T.judge([_row()], [], strict=False) == []
+    assert T.judge([_row(shared=300000)], [], strict=False)
+    assert T.judge([_row(spill=[8, 4])], [], strict=False)
+    assert T.judge([_row(spill=[8, 4], gate=False, features=["dropout"])], [], strict=False) == []
+    assert T.judge([_row(spill=[8, 4], gate=False, features=["dropout"])], [], strict=True)
+    assert T.judge([_row(spill=[8, 4], arch="sm_80")], [], strict=False) == []
+    no_wgmma = {"tensor_core": {"HMMA": 8}, "tensor_core_kind": "mma.sync"}
+    assert T.judge([_row(sass=no_wgmma)], [], strict=False)
+    assert T.judge([_row(sass=no_wgmma, dtype="fp32")], [], strict=False) == []
+    known = _row(sass=no_wgmma, kernel="_attn_bwd_dq", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
+    assert T.judge([known], [], strict=False) == []
+    assert T.judge([_row(registers=None)], [], strict=False)  # no ptxas log: unknown, fails
+    assert T._tile({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 128, "IS_CAUSAL": True}) == 8192
+    assert T._site_label("attention.py:260 acc = f(  # interior: no mask math") == \
+        "attention.py:260 (interior: no mask math)"
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        T.StandInDriver(90).launcher_cls
