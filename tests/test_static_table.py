@@ -62,9 +62,11 @@ def test_quick_gate(tmp_path):
         assert r["registers"] and r["spill"] == [0, 0], r["kernel"]
 
 
-# Spills the committed tables still show, pinned so that a new one fails here. Triton 3.8: none.
-# Triton 3.6 (the GPU machines'), found by the last regeneration and not yet given their own
-# entries: 4-164 B, all with optional features on (dropout, ALiBi); no default configuration.
+# Spills a committed table may still show, pinned so that a new one fails here. Triton 3.8: none.
+# Triton 3.6 (the GPU machines'): the table committed with this list found them, 4-164 B, all
+# with optional features on (dropout, ALiBi), none in a default configuration. The three sm_90a
+# bf16 forward ones have entries since (verified for those keys under 3.6 and 3.8; the table
+# shows it once regenerated); the others are open.
 KNOWN_SPILLS = {"3.6.0": {
     ("sm_90a", "_attn_fwd", "bf16", 64, "alibi+causal"),
     ("sm_90a", "_attn_fwd", "bf16", 64, "causal+dropout"),
@@ -94,7 +96,7 @@ def test_committed_tables(version):
         assert set(_launched("attention") + _launched("cross_entropy")) <= compiled, arch
     spilling = {(r["arch"], r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM"),
                  "+".join(r["features"])) for r in rows if r["spill"] is None or any(r["spill"])}
-    assert spilling == KNOWN_SPILLS.get(version, set())
+    assert spilling <= KNOWN_SPILLS.get(version, set()), spilling - KNOWN_SPILLS.get(version, set())
     assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
 
 
