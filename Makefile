@@ -23,7 +23,7 @@ empty :=
 space := $(empty) $(empty)
 MARK_unit := not ($(subst $(space), or ,$(OTHER_MARKERS)))
 
-.PHONY: install test test-fast demo gpu-check bench bench-host clean $(addprefix test-,$(SUITES))
+.PHONY: install test test-fast demo gpu-check bench bench-host static-table clean $(addprefix test-,$(SUITES))
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,17 @@ bench: install
 # Host cost per call against PyTorch's own ops (pytest-benchmark); writes benchmarks/results/host/.
 bench-host: install
 	$(VPY) -m pytest -q -s -p no:cacheprovider benchmarks/bench_host.py
+
+# The static kernel table (benchmarks/results/static/triton-<version>.{json,md}): every Triton
+# kernel compiled as the GPU runtime compiles it, for sm_90a and sm_80, without a GPU; once with
+# the venv's Triton and once with the GPU machines' Triton ($(SIDE_TRITON), pip-installed into
+# .cache/ and put first on PYTHONPATH; torch stays the venv's).
+SIDE_TRITON ?= 3.6.0
+SIDE_DIR    := .cache/triton-$(SIDE_TRITON)
+static-table: install
+	$(VPY) scripts/static_table.py
+	test -d $(SIDE_DIR)/triton || $(VPY) -m pip install -q --no-deps --target $(SIDE_DIR) triton==$(SIDE_TRITON)
+	PYTHONPATH=$(SIDE_DIR) $(VPY) scripts/static_table.py
 
 # One call on a GPU machine (PyTorch, Triton, nvcc preinstalled, no network): installs in place
 # without dependencies, builds csrc/, runs the GPU tests, a short training run, quick benchmarks.

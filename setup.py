@@ -15,6 +15,7 @@ setup(
               "gptfast.benchmarks"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels",
                  "gptfast.benchmarks": "benchmarks"},
+    package_data={"gptfast.kernels": ["*_configs.json"]},  # the launch configuration tables
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout", "pytest-benchmark"],
