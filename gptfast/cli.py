@@ -285,6 +285,7 @@ def _launch():
 
 
 def _cmd_train(a) -> int:
+    from .checkpoint import CheckpointError
     from .model import PRESETS
     from .train import MemoryPreflightError, ResumeMismatch, TrainConfig, train
 
@@ -344,6 +345,8 @@ def _cmd_train(a) -> int:
         raise UsageError(f"--batch-size/--block-size: {e}") from None
     except ResumeMismatch as e:
         raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}" if a.resume is not None else str(e)) from None
     except ValueError as e:
         msg = str(e)
         if "corpus" in msg or "validation split" in msg or "token stream" in msg:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
@@ -268,7 +269,8 @@ def save_sharded(ctx: DistContext, ckpt_path: Path, step: int, model, optimizer,
     name = ctx.broadcast_object(name)
     tmp = out_dir / f".{name}.tmp"
     msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
+    with _one_process_quiet():
+        dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=str(tmp))
     ctx.barrier()                                # every shard is on disk
     if ctx.is_main:
         os.replace(tmp, out_dir / name)
@@ -276,6 +278,19 @@ def save_sharded(ctx: DistContext, ckpt_path: Path, step: int, model, optimizer,
         remove_stale_shards(out_dir, keep=name)
     ctx.barrier()
     return out_dir / name
+
+
+@contextlib.contextmanager
+def _one_process_quiet(force: bool = False) -> Iterator[None]:
+    """DCP warns that it "assumes the intent" to save or load in a single process when no
+    process group exists: that is the intent here."""
+    import torch.distributed as dist
+    if force or not dist.is_initialized():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*in a single process", category=UserWarning)
+            yield
+    else:
+        yield
 
 
 def _checkpoint_error(msg: str):
@@ -323,7 +338,8 @@ def load_sharded(folder: Path, model, optimizer) -> None:
                                   if isinstance(v, torch.Tensor)})
     state = {"model": msd, "optimizer": osd}
     try:
-        dcp.load(state, checkpoint_id=str(folder))
+        with _one_process_quiet():
+            dcp.load(state, checkpoint_id=str(folder))
     except Exception as e:  # noqa: BLE001
         raise _checkpoint_error(f"{folder}: cannot load the sharded checkpoint "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
@@ -368,7 +384,8 @@ def full_model_state(folder: Path) -> Dict[str, torch.Tensor]:
         raise _checkpoint_error(f"{folder}: the sharded checkpoint holds no model weights")
     box = {"model": state}
     try:
-        dcp.load(box, checkpoint_id=str(folder), no_dist=True)
+        with _one_process_quiet(force=True):
+            dcp.load(box, checkpoint_id=str(folder), no_dist=True)
     except Exception as e:  # noqa: BLE001
         raise _checkpoint_error(f"{folder}: cannot read the sharded checkpoint "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
