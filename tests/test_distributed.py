@@ -204,6 +204,19 @@ def test_gradients_and_divergence_inside_a_process_group(text_file, tmp_path):
         assert res["fsdp_param_types"] == ["DTensor"] and res["ddp_param_types"] == ["Parameter"]
 
 
+@pytest.mark.distributed
+def test_gpu_check_ddp_stage_dry_run(tmp_path):
+    """`make gpu-check`'s train-ddp stage, as its CPU dry run runs it (gloo)."""
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, str(repo / "scripts" / "gpu_check.py"), "--dry-run",
+                        "--out", str(out), "--only", "env,train-ddp"], capture_output=True,
+                       text=True, timeout=LAUNCH_TIMEOUT, cwd=repo, start_new_session=True)
+    res = json.loads((out / "results.json").read_text())
+    assert res["stages"]["train-ddp"]["status"] == "ok", p.stdout[-3000:]
+    assert res["train_ddp"]["parallel"] == "ddp" and res["train_ddp"]["world_size"] == 1
+
+
 # ================================================================ in this process
 
 def test_mix32_is_murmur3_fmix32():
