@@ -46,19 +46,22 @@ def text_file(tmp_path_factory):
 
 
 def train_args(data, out, steps, *extra):
-    """The run every test trains: embedding/residual dropout on (keyed), 2 micro-steps."""
+    """The run every test trains: embedding/residual dropout and scheduled sampling on (both
+    keyed per sample), 2 micro-steps."""
     return ["--preset", "tiny", "--block-size", "32", "--data", str(data), "--out", str(out),
             "--steps", str(steps), "--decay-steps", str(STEPS), "--batch-size", "4",
             "--grad-accum", "2", "--lr", "3e-3", "--warmup", "2", "--eval-every", "3",
             "--eval-batches", "2", "--log-every", "1", "--device", "cpu", "--no-progress",
-            "--no-plot", "--seed", "0", "--threads", "1", "--dropout", "0.1", *extra]
+            "--no-plot", "--seed", "0", "--threads", "1", "--dropout", "0.1",
+            "--scheduled-sampling", "0.2", *extra]
 
 
 def reference_config(data, out, steps=STEPS, **kw):
     return TrainConfig(preset="tiny", block_size=32, data=str(data), out_dir=str(out),
                        steps=steps, decay_steps=STEPS, batch_size=4, grad_accum=2, lr=3e-3,
                        warmup=2, eval_every=3, eval_batches=2, log_every=1, device="cpu",
-                       progress=False, plot=False, verbose=False, seed=0, dropout=0.1, **kw)
+                       progress=False, plot=False, verbose=False, seed=0, dropout=0.1,
+                       scheduled_sampling=0.2, **kw)
 
 
 def torchrun(nproc, argv, cwd, timeout=LAUNCH_TIMEOUT, env=None):
