@@ -6,6 +6,8 @@ its findings to $DIST_OUT/rank<r>.json; the test reads and judges them.
                  gradient (the tied token embedding's included: used by the embedding and by
                  the fused loss) against the one-process gradient on the whole batch, with
                  keyed dropout on
+    accumulation two micro-steps: nothing communicated after the first, the whole batch's
+                 gradient after the last
     divergence   one process's loss turns NaN: every process stops at the same step with
                  TrainingDiverged, and the checkpoint keeps the last good step
 """
@@ -64,6 +66,56 @@ def grads(out: dict) -> None:
     dist.barrier()
 
 
+def accumulation(out: dict) -> None:
+    """Two micro-steps under `sync_gradients`: after the first, nothing was communicated
+    (DDP: each process still holds its own rows' gradient; FSDP2: no sharded gradient exists
+    yet); after the last, the gradients are the one-process gradient of both micro-batches."""
+    from gptfast.distributed import setup
+    from gptfast.model import GPT, get_config
+    from gptfast.randomness import sample_keys
+
+    ctx = setup("ddp", "cpu")
+    W, r = ctx.world_size, ctx.rank
+    cfg = get_config("tiny", block_size=16, n_layer=1, n_embd=32, n_head=2, dropout=0.1)
+    g = torch.Generator().manual_seed(1)
+    B = 2 * W                      # global micro-batch
+    xs = [torch.randint(0, cfg.vocab_size, (B, 16), generator=g) for _ in range(2)]
+    ys = [torch.randint(0, cfg.vocab_size, (B, 16), generator=g) for _ in range(2)]
+    keys = [sample_keys(5, m * B, B) for m in range(2)]
+    rows = slice(r * 2, r * 2 + 2)
+
+    def fresh():
+        torch.manual_seed(0)
+        return GPT(cfg).train()
+
+    ref = fresh()
+    for m in range(2):
+        (ref(xs[m], ys[m], sample_keys=keys[m])[1] / 2).backward()
+    for mode in ("ddp", "fsdp"):
+        ctx.mode = mode
+        model = fresh()
+        wrapped = ctx.wrap(model)
+        facts = {}
+        for m in range(2):
+            with ctx.sync_gradients(wrapped, m == 1):
+                (wrapped(xs[m][rows], ys[m][rows], sample_keys=keys[m][rows])[1] / 2).backward()
+            if m == 0:
+                if mode == "ddp":   # differs across processes unless it was all-reduced
+                    w = model.wte.weight.grad.clone()
+                    other = [torch.zeros_like(w) for _ in range(W)]
+                    dist.all_gather(other, w)
+                    facts["first_grads_differ_across_processes"] = not torch.equal(other[0], other[1])
+                else:
+                    facts["first_sharded_grads"] = sum(p.grad is not None for p in model.parameters())
+        errs = []
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            errs.append(float((got - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-12)))
+        facts["final_grad_rel_err"] = max(errs)
+        out[f"{mode}_accumulation"] = facts
+    dist.barrier()
+
+
 def divergence(out: dict, folder: Path) -> None:
     from gptfast import model as model_mod
     from gptfast.train import TrainConfig, TrainingDiverged, train
@@ -108,6 +160,8 @@ def main() -> int:
         for name in sys.argv[1:]:
             if name == "grads":
                 grads(out)
+            elif name == "accumulation":
+                accumulation(out)
             elif name == "divergence":
                 divergence(out, folder)
     finally:

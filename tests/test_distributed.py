@@ -186,10 +186,10 @@ def test_resume_matches_an_uninterrupted_run(mode, nproc, stopped, text_file, re
 @pytest.mark.distributed
 def test_gradients_and_divergence_inside_a_process_group(text_file, tmp_path):
     """DDP's and FSDP2's gradients, the tied embedding's included, against one process's on
-    the whole batch; a NaN on one process stops both at the same step, keeping the last good
-    checkpoint."""
+    the whole batch; gradient accumulation communicates on the last micro-step only; a NaN on
+    one process stops both at the same step, keeping the last good checkpoint."""
     worker = Path(__file__).with_name("_dist_worker.py")
-    rc, out = torchrun(2, [str(worker), "grads", "divergence"], tmp_path,
+    rc, out = torchrun(2, [str(worker), "grads", "accumulation", "divergence"], tmp_path,
                        env={"DIST_OUT": str(tmp_path), "DIST_DATA": str(text_file)})
     assert rc == 0, out[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -205,6 +205,11 @@ def test_gradients_and_divergence_inside_a_process_group(text_file, tmp_path):
             assert "still holds step 2" in msg
             assert res[f"{mode}_checkpoint_step"] == 2
         assert res["fsdp_param_types"] == ["DTensor"] and res["ddp_param_types"] == ["Parameter"]
+        # gradient accumulation communicates on the last micro-step only
+        ddp, fsdp = res["ddp_accumulation"], res["fsdp_accumulation"]
+        assert ddp["first_grads_differ_across_processes"] is True
+        assert fsdp["first_sharded_grads"] == 0
+        assert ddp["final_grad_rel_err"] < 1e-5 and fsdp["final_grad_rel_err"] < 1e-5
 
 
 @pytest.mark.distributed
