@@ -284,6 +284,15 @@ def _launch():
         raise UsageError(str(e)) from None
 
 
+def _one_process(command: str) -> None:
+    """finetune and demo train on one process: N copies under torchrun would write the same
+    folder."""
+    launch = _launch()
+    if launch is not None and launch.world_size > 1:
+        raise UsageError(f"{command} runs on one process (WORLD_SIZE={launch.world_size}): launch "
+                         f"it without torchrun; only `gptfast train` trains on several")
+
+
 def _cmd_train(a) -> int:
     from .checkpoint import CheckpointError
     from .model import PRESETS
@@ -317,9 +326,9 @@ def _cmd_train(a) -> int:
     if launch is None:
         device = _device(a.device)
     else:
-        from .distributed import _launch_device
+        from .distributed import launch_device
         try:
-            device = _launch_device(a.device, launch)
+            device = launch_device(a.device, launch)
         except ValueError as e:
             raise UsageError(f"--device: {e}") from None
     cfg = TrainConfig(
@@ -418,6 +427,7 @@ def _cmd_finetune(a) -> int:
     from .checkpoint import CheckpointError
     from .finetune import DataError, FinetuneConfig, finetune
 
+    _one_process("finetune")
     _checkpoint_path("--ckpt", a.ckpt)
     if not Path(a.data).expanduser().is_file():
         raise UsageError(f"--data: file not found: {a.data}")
@@ -527,6 +537,7 @@ def _cmd_bench(a) -> int:
 
 def _cmd_demo(a) -> int:
     from .demo import run
+    _one_process("demo")
     device = _device(a.device)
     import torch
 

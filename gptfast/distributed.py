@@ -37,7 +37,7 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-__all__ = ["Launch", "launch_from_env", "DistContext", "setup", "single", "MODES",
+__all__ = ["Launch", "launch_from_env", "launch_device", "DistContext", "setup", "single", "MODES",
            "save_sharded", "load_sharded", "load_full_into_sharded", "full_model_state",
            "shard_folder", "remove_stale_shards"]
 
@@ -135,7 +135,8 @@ class DistContext:
         Call before building the optimizer (FSDP2 replaces the parameters by DTensors)."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
-            return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            cuda = self.device.type == "cuda"
+            return DDP(model, device_ids=[self.device.index] if cuda else None)
         if self.mode == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -172,7 +173,7 @@ def single(device: torch.device) -> DistContext:
     return DistContext(None, 0, 1, 0, device)
 
 
-def _launch_device(name: str, launch: Launch) -> torch.device:
+def launch_device(name: str, launch: Launch) -> torch.device:
     """cuda:LOCAL_RANK on GPUs (each process its own), else the CPU."""
     if name in (None, "", "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -196,7 +197,8 @@ def _launch_device(name: str, launch: Launch) -> torch.device:
     return torch.device("cuda", index)
 
 
-def setup(parallel: Optional[str], device: str = "auto", launch: Optional[Launch] = None) -> DistContext:
+def setup(parallel: Optional[str], device: str = "auto",
+          launch: Optional[Launch] = None) -> DistContext:
     """The process group and device for `parallel` ("ddp" | "fsdp"; None: "ddp" under
     torchrun, else one process). Joins a process group the caller already made; otherwise
     makes one (NCCL on CUDA, gloo on the CPU) that `close()` destroys.
@@ -211,7 +213,7 @@ def setup(parallel: Optional[str], device: str = "auto", launch: Optional[Launch
                 f"gptfast train --parallel {parallel} ...); a plain `gptfast train` is one process")
         from .train import resolve_device
         return single(resolve_device(device))
-    dev = _launch_device(device, launch)
+    dev = launch_device(device, launch)
     import torch.distributed as dist
     owns = False
     if not dist.is_initialized():

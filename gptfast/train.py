@@ -98,7 +98,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or "fp32" / "bf16"
     compile: bool = False
     seed: int = 1337
-    parallel: Optional[str] = None  # under torchrun: "ddp" (default) or "fsdp"; see gptfast.distributed
+    parallel: Optional[str] = None  # under torchrun: "ddp" (default) or "fsdp" (gptfast.distributed)
 
     def validate(self) -> None:
         def positive(name):
@@ -590,7 +590,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
 
 def _train(cfg: TrainConfig, ctx: DistContext) -> Dict[str, Any]:
-    from .distributed import load_full_into_sharded, load_sharded, remove_stale_shards, save_sharded, shard_folder
+    from .distributed import (load_full_into_sharded, load_sharded, remove_stale_shards,
+                              save_sharded, shard_folder)
     from .model import GPT, get_config, scheduled_sampling_inputs
     from .randomness import layout_seed, sample_keys
 
@@ -651,8 +652,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Dict[str, Any]:
     sampler = BatchSampler(corpus.train, cfg.batch_size, T, seed=cfg.seed, device=device,
                            rank=ctx.rank, world_size=ctx.world_size)
     r0 = ctx.rank * rows
-    val_batches = [(x[r0:r0 + rows], y[r0:r0 + rows]) for x, y in
-                   fixed_batches(corpus.val, cfg.batch_size, T, cfg.eval_batches, seed=cfg.seed + 1)]
+    val_batches = [(x[r0:r0 + rows], y[r0:r0 + rows]) for x, y in                # this process's
+                   fixed_batches(corpus.val, cfg.batch_size, T, cfg.eval_batches,   # rows of each
+                                 seed=cfg.seed + 1)]
     history: List[dict] = []
     start_step = 0
     if resume_state is not None:
@@ -763,7 +765,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> Dict[str, Any]:
                 # by this process's position in the run: reproducible for a given layout.
                 torch.manual_seed(layout_seed(cfg.seed, sampler.first_index))
                 if cfg.scheduled_sampling > 0:
-                    x = scheduled_sampling_inputs(model, x, cfg.scheduled_sampling, sample_keys=keys)
+                    x = scheduled_sampling_inputs(model, x, cfg.scheduled_sampling,
+                                                  sample_keys=keys)
                 with ctx.sync_gradients(wrapped, micro == cfg.grad_accum - 1):
                     with autocast():
                         _, loss = run_model(x, y, sample_keys=keys)

@@ -358,6 +358,43 @@ def test_sharded_checkpoint_on_one_process(text_file, reference, tmp_path):
     assert not list(run.glob("ckpt-*.dcp"))     # a full checkpoint replaced the shards
 
 
+def test_sharded_save_is_atomic(text_file, tmp_path, monkeypatch):
+    """A save that dies while writing shards leaves ckpt.pt pointing at the previous, complete
+    folder; the next save clears the unfinished one."""
+    import torch.distributed.checkpoint as dcp
+
+    from gptfast.distributed import save_sharded, single
+
+    run = tmp_path / "run"
+    train(reference_config(text_file, run, steps=1))
+    _full_to_sharded(run)
+    pointer = (run / "ckpt.pt").read_bytes()
+    ck = load_full_checkpoint(run / "ckpt.pt")
+    model = GPT(get_config("tiny", block_size=32, dropout=0.1))
+    opt = build_optimizer(model, TrainConfig(), torch.device("cpu"))
+    real = dcp.save
+
+    def dying(state, checkpoint_id):
+        real(state, checkpoint_id=checkpoint_id)
+        (Path(checkpoint_id) / ".metadata").unlink()          # half written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(dcp, "save", dying)
+    with pytest.raises(OSError, match="disk full"):
+        save_sharded(single(torch.device("cpu")), run / "ckpt.pt", 2, model, opt, {"step": 2})
+    assert (run / "ckpt.pt").read_bytes() == pointer
+    assert (run / ".ckpt-00000002.dcp.tmp").is_dir()
+    again = load_full_checkpoint(run / "ckpt.pt")
+    assert again["step"] == 1 and all(torch.equal(again["model"][k], v)
+                                      for k, v in ck["model"].items())
+    monkeypatch.setattr(dcp, "save", real)
+    save_sharded(single(torch.device("cpu")), run / "ckpt.pt", 2, model, opt, {"step": 2})
+    assert sorted(p.name for p in run.iterdir() if "ckpt" in p.name) == ["ckpt-00000002.dcp",
+                                                                       "ckpt.pt"]
+    assert torch.equal(load_full_checkpoint(run / "ckpt.pt")["model"]["wte.weight"],
+                       model.wte.weight.detach())
+
+
 def _one_line_error(capsys, rc, *needles):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
@@ -390,6 +427,17 @@ def test_world_size_must_divide_the_batch(capsys, tmp_path, monkeypatch, text_fi
     monkeypatch.setenv("RANK", "1")             # every process meets it; rank 0 alone says so
     rc = cli.main(["train", "--batch-size", "4", "--out", str(run), "--device", "cpu"])
     assert rc == 2 and capsys.readouterr().err == ""
+
+
+def test_finetune_and_demo_refuse_several_processes(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    rc = cli.main(["finetune", "--ckpt", str(tmp_path), "--data", str(tmp_path / "x.csv")])
+    _one_line_error(capsys, rc, "finetune runs on one process", "WORLD_SIZE=2")
+    rc = cli.main(["demo", "--out", str(tmp_path / "demo")])
+    _one_line_error(capsys, rc, "demo runs on one process")
+    assert not (tmp_path / "demo").exists()
 
 
 def test_resume_refuses_another_model(capsys, text_file, tmp_path):
