@@ -12,12 +12,13 @@ PYTEST_ARGS ?=
 # in pyproject.toml) with its own time budget in seconds (wall clock, 2 cores, cold caches); a
 # suite that outgrows its budget fails instead of slowing CI down unnoticed. The "unit" suite is
 # every test that carries none of the other markers (and is not a GPU test).
-SUITES := unit attention_kernel ce_kernel static_check hf
+SUITES := unit attention_kernel ce_kernel static_check hf distributed
 BUDGET_unit             ?= 600
 BUDGET_attention_kernel ?= 1200
 BUDGET_ce_kernel        ?= 600
 BUDGET_static_check     ?= 300
 BUDGET_hf               ?= 300
+BUDGET_distributed      ?= 300
 OTHER_MARKERS := $(filter-out unit,$(SUITES))
 empty :=
 space := $(empty) $(empty)

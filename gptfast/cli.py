@@ -17,7 +17,16 @@ traceback instead.
 
 Options are grouped by what they act on (model, data, optimization, checkpoints, system), so
 that later options have a place: a tokenizer for --data, a Hugging Face checkpoint to start
-from, a parallel mode under torchrun.
+from.
+
+Several processes (GPUs, nodes): launch `gptfast train` with PyTorch's torchrun, which it
+detects from its environment variables (gptfast.distributed):
+
+    torchrun --nproc_per_node=8 -m gptfast train --parallel ddp|fsdp ...
+
+--batch-size and --grad-accum stay the global batch (each process takes its share of the
+rows); rank 0 alone prints. An error is printed by rank 0 (every process exits with the same
+status; torchrun then reports the failed processes itself).
 """
 from __future__ import annotations
 
@@ -40,7 +49,8 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's default prints the usage too)
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        if os.environ.get("RANK", "0") in ("", "0"):   # under torchrun: rank 0 alone
+            sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(EXIT_USAGE)
 
 
@@ -106,7 +116,8 @@ def _add_system(g, *, threads: bool = True, seed: Optional[int] = 1337) -> None:
 
 def add_train_arguments(t: argparse.ArgumentParser) -> None:
     m = t.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", help="model preset (tiny, demo, gpt2, ...; default tiny)")
+    m.add_argument("--preset", default=None,
+                   help="model preset (tiny, demo, gpt2, ...; default tiny, or the checkpoint's with --resume)")
     m.add_argument("--block-size", type=POSITIVE, default=None, help="context length (default: preset's)")
     m.add_argument("--dropout", type=DROPOUT, default=None, help="embedding/residual dropout (default: preset's)")
     m.add_argument("--attn-dropout", type=DROPOUT, default=None,
@@ -119,7 +130,8 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
                         "the model takes its vocabulary size) instead of bytes")
     o = t.add_argument_group("optimization")
     o.add_argument("--steps", type=POSITIVE, default=200, help="total optimizer steps")
-    o.add_argument("--batch-size", type=POSITIVE, default=16)
+    o.add_argument("--batch-size", type=POSITIVE, default=16,
+                   help="sequences per micro-batch, over all processes under torchrun (each takes its share)")
     o.add_argument("--grad-accum", type=POSITIVE, default=1, help="micro-batches per step")
     o.add_argument("--lr", type=number(0.0, lo_open=True), default=1e-3, help="peak learning rate")
     o.add_argument("--min-lr", type=number(0.0), default=None, help="final learning rate (default lr/10)")
@@ -143,6 +155,9 @@ def add_train_arguments(t: argparse.ArgumentParser) -> None:
     s = t.add_argument_group("system")
     s.add_argument("--compile", action="store_true", help="torch.compile the model")
     s.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA")
+    s.add_argument("--parallel", default=None, choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (replicated weights, the default) or fsdp (FSDP2: "
+                        "weights, gradients and optimizer state sharded per block)")
     _add_system(s)
 
 
@@ -232,15 +247,16 @@ def _device(name: str):
         raise UsageError(f"--device: {e}") from None
 
 
-def _set_threads(a, device) -> Optional[int]:
-    """Set torch's CPU threads for this command; returns the previous count to restore."""
+def _set_threads(a, device, processes: int = 1) -> Optional[int]:
+    """Set torch's CPU threads for this command (the idle cores shared by the `processes` of
+    this machine); returns the previous count to restore."""
     import torch
     from .train import auto_threads
     before = torch.get_num_threads()
     if getattr(a, "threads", None):
         torch.set_num_threads(a.threads)
     elif device.type == "cpu":
-        torch.set_num_threads(auto_threads())
+        torch.set_num_threads(max(1, auto_threads() // processes))
     return before
 
 
@@ -265,11 +281,30 @@ def _check_ckpt(arg: str, path: Path):
 
 # ---- commands -----------------------------------------------------------------------------------
 
-def _cmd_train(a) -> int:
-    from .model import PRESETS
-    from .train import MemoryPreflightError, TrainConfig, train
+def _launch():
+    """torchrun's launch of this process (None: a plain command)."""
+    from .distributed import launch_from_env
+    try:
+        return launch_from_env()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
-    if a.preset not in PRESETS:
+
+def _one_process(command: str) -> None:
+    """finetune and demo train on one process: N copies under torchrun would write the same
+    folder."""
+    launch = _launch()
+    if launch is not None and launch.world_size > 1:
+        raise UsageError(f"{command} runs on one process (WORLD_SIZE={launch.world_size}): launch "
+                         f"it without torchrun; only `gptfast train` trains on several")
+
+
+def _cmd_train(a) -> int:
+    from .checkpoint import CheckpointError
+    from .model import PRESETS
+    from .train import MemoryPreflightError, ResumeMismatch, TrainConfig, train
+
+    if a.preset is not None and a.preset not in PRESETS:
         raise UsageError(f"--preset: unknown preset {a.preset!r} (choose from {', '.join(PRESETS)})")
     if a.data is not None and not Path(a.data).expanduser().exists():
         raise UsageError(f"--data: path not found: {a.data}")
@@ -277,19 +312,44 @@ def _cmd_train(a) -> int:
         if a.resume is not None:
             raise UsageError("--tokenizer: a resumed run keeps its checkpoint's tokenizer; drop --tokenizer")
         _hf_tokenizer("--tokenizer", a.tokenizer)  # a bad path is a usage error before anything runs
+    preset = a.preset or "tiny"
     if a.resume is not None:
         rpath = Path(a.resume) if a.resume else Path(a.out) / "ckpt.pt"
-        _check_ckpt("--resume", rpath)
-    device = _device(a.device)
+        ck = _check_ckpt("--resume", rpath)
+        had = (ck.get("train_config") or {}).get("preset")
+        if a.preset is not None and had is not None and had != a.preset:
+            raise UsageError(f"--preset: {rpath} holds a {had!r} model, not {a.preset!r}: a resumed "
+                             f"run keeps its checkpoint's model (drop --preset, or start a new "
+                             f"run in another --out)")
+        preset = had or preset
+    launch = _launch()
+    if launch is None and a.parallel is not None:
+        raise UsageError(f"--parallel {a.parallel}: needs a torchrun launch (torchrun "
+                         f"--nproc_per_node=N -m gptfast train --parallel {a.parallel} ...); "
+                         f"a plain `gptfast train` is one process")
+    if launch is not None and a.batch_size % launch.world_size:
+        raise UsageError(
+            f"--batch-size: {a.batch_size} rows per micro-batch cannot be split evenly over "
+            f"{launch.world_size} processes (WORLD_SIZE); use a multiple of {launch.world_size} "
+            f"(--batch-size is the global micro-batch and --batch-size x --grad-accum the "
+            f"global batch per step, whatever the number of processes)")
+    if launch is None:
+        device = _device(a.device)
+    else:
+        from .distributed import launch_device
+        try:
+            device = launch_device(a.device, launch)
+        except ValueError as e:
+            raise UsageError(f"--device: {e}") from None
     cfg = TrainConfig(
-        preset=a.preset, block_size=a.block_size, dropout=a.dropout, attn_dropout=a.attn_dropout,
+        preset=preset, block_size=a.block_size, dropout=a.dropout, attn_dropout=a.attn_dropout,
         data=a.data, tokenizer=a.tokenizer, max_bytes=a.max_bytes, steps=a.steps, batch_size=a.batch_size,
         grad_accum=a.grad_accum, lr=a.lr, min_lr=a.min_lr, warmup=a.warmup,
         decay_steps=a.decay_steps, weight_decay=a.weight_decay, grad_clip=a.grad_clip,
         scheduled_sampling=a.scheduled_sampling, eval_every=a.eval_every,
         eval_batches=a.eval_batches, log_every=a.log_every, save_every=a.save_every,
         out_dir=a.out, resume=a.resume, plot=not a.no_plot, progress=not a.no_progress,
-        device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed,
+        device=a.device, dtype=a.dtype, compile=a.compile, seed=a.seed, parallel=a.parallel,
     )
     try:
         cfg.validate()
@@ -297,11 +357,15 @@ def _cmd_train(a) -> int:
         raise UsageError(f"--{str(e).split(' ', 1)[0].replace('_', '-')}: {e}") from None
     import torch
 
-    before = _set_threads(a, device)
+    before = _set_threads(a, device, launch.local_world_size if launch else 1)
     try:
         train(cfg)
     except MemoryPreflightError as e:
         raise UsageError(f"--batch-size/--block-size: {e}") from None
+    except ResumeMismatch as e:
+        raise UsageError(f"--{e.field.replace('_', '-')}: {e}") from None
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}" if a.resume is not None else str(e)) from None
     except ValueError as e:
         msg = str(e)
         if "corpus" in msg or "validation split" in msg or "token stream" in msg:
@@ -408,6 +472,7 @@ def _cmd_finetune(a) -> int:
     from .checkpoint import CheckpointError
     from .finetune import DataError, FinetuneConfig, finetune
 
+    _one_process("finetune")
     _checkpoint_path("--ckpt", a.ckpt)
     if not Path(a.data).expanduser().is_file():
         raise UsageError(f"--data: file not found: {a.data}")
@@ -517,6 +582,7 @@ def _cmd_bench(a) -> int:
 
 def _cmd_demo(a) -> int:
     from .demo import run
+    _one_process("demo")
     device = _device(a.device)
     import torch
 
@@ -541,27 +607,30 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     from .train import TrainingDiverged
 
     name = f"gptfast {args.command}"
+    # Under torchrun every process meets the same bad input: rank 0 alone says so.
+    quiet = os.environ.get("RANK", "0") not in ("", "0")
+    report = (lambda *a, **k: None) if quiet else print
     try:
         return HANDLERS[args.command](args) or 0
     except UsageError as e:
         if debug:
             raise
-        print(f"{name}: error: {e}", file=sys.stderr)
+        report(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as e:
         if debug:
             raise
-        print(f"{name}: error: {e}", file=sys.stderr)
+        report(f"{name}: error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         # remaining bad-input errors raised while loading data/configs (e.g. an empty corpus)
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"{name}: error: {msg}", file=sys.stderr)
+        report(f"{name}: error: {msg}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+        report(f"{name}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -281,6 +281,13 @@ class BatchSampler:
 
     Uses its own seeded ``torch.Generator`` (CPU), so ``state_dict()``/``load_state_dict()`` give a
     bit-for-bit identical batch sequence after a resume.
+
+    Sharded (``rank``, ``world_size``): ``batch_size`` is the global batch. Every process draws
+    the same B window starts (B integers: the data's order is a function of the global sample
+    index only) and reads only its rows ``[rank * B/W, (rank + 1) * B/W)``: disjoint shards
+    whose union is the batch one process would read. ``first_index`` is the global sample index
+    of the first row the last ``next()`` returned; the state is the same on every process, so a
+    run resumed on another number of processes reads the same samples.
     """
 
     def __init__(
@@ -290,6 +297,8 @@ class BatchSampler:
         block_size: int,
         seed: int = 0,
         device: Union[str, torch.device] = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if tokens.dim() != 1:
             raise ValueError("tokens must be a 1-D tensor")
@@ -298,6 +307,9 @@ class BatchSampler:
                 f"token stream too short ({len(tokens)} tokens) for block_size {block_size}: "
                 f"need at least {block_size + 1}"
             )
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} cannot be split over {world_size} "
+                             f"processes (rank {rank})")
         self.tokens = tokens
         self.batch_size = int(batch_size)
         self.block_size = int(block_size)
@@ -305,11 +317,15 @@ class BatchSampler:
         self.device = torch.device(device)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.batches_drawn = 0
+        self.rows = self.batch_size // world_size
+        self.row0 = rank * self.rows
+        self.first_index = 0
 
     def next(self) -> Tuple[torch.Tensor, torch.Tensor]:
         high = len(self.tokens) - self.block_size  # starts in [0, len - T - 1]
         starts = torch.randint(0, high, (self.batch_size,), generator=self.generator)
-        x, y = _windows(self.tokens, starts, self.block_size)
+        x, y = _windows(self.tokens, starts[self.row0:self.row0 + self.rows], self.block_size)
+        self.first_index = self.batches_drawn * self.batch_size + self.row0
         self.batches_drawn += 1
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)

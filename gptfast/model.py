@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 import gptfast  # gptfast.attention / gptfast.linear_cross_entropy are looked up at call time
 
+from .randomness import SITE_SCHEDULED_SAMPLING, KeyedDropout, derive_keys, keyed_uniform
+
 __all__ = [
     "GPTConfig", "PRESETS", "get_config", "count_params", "alibi_slopes", "GPT", "shift_targets",
     "scheduled_sampling_inputs", "GPTForSequenceClassification", "param_groups",
@@ -191,12 +193,12 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.residual_proj = True                                         # scaled init
         self.attn_dropout = config.attn_dropout
         self.backend = config.backend
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = KeyedDropout(config.dropout, site=1 + 2 * layer_idx)
         # ALiBi: not learned, not saved; GPT._apply keeps them fp32 when the model is cast
         slopes = alibi_slopes(config.n_head) if config.position == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
-    def forward(self, x, kv_cache=None, key_padding_mask=None):
+    def forward(self, x, kv_cache=None, key_padding_mask=None, sample_keys=None):
         B, T, C = x.size()
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_size
         qkv = self.c_attn(x)                                                     # (B, T, (nh+2nkv)*hs)
@@ -213,20 +215,20 @@ class CausalSelfAttention(nn.Module):
                               dropout_p=self.attn_dropout if self.training else 0.0,
                               backend=self.backend)                              # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                                   # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return self.resid_dropout(self.c_proj(y), sample_keys)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer_idx: int = 0):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, config.n_inner, bias=config.bias)
         self.c_proj = nn.Linear(config.n_inner, config.n_embd, bias=config.bias)
         self.c_proj.residual_proj = True
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = KeyedDropout(config.dropout, site=2 + 2 * layer_idx)
 
-    def forward(self, x):
+    def forward(self, x, sample_keys=None):
         x = F.gelu(self.c_fc(x), approximate="tanh")                             # (B, T, n_inner)
-        return self.dropout(self.c_proj(x))                                      # (B, T, C)
+        return self.dropout(self.c_proj(x), sample_keys)                         # (B, T, C)
 
 
 class Block(nn.Module):
@@ -236,15 +238,15 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config, layer_idx)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x, kv_cache=None, key_padding_mask=None):
+    def forward(self, x, kv_cache=None, key_padding_mask=None, sample_keys=None):
         if self.pre_ln:   # GPT-2/3: x + f(LN(x))
-            x = x + self.attn(self.ln_1(x), kv_cache, key_padding_mask)
-            x = x + self.mlp(self.ln_2(x))
+            x = x + self.attn(self.ln_1(x), kv_cache, key_padding_mask, sample_keys)
+            x = x + self.mlp(self.ln_2(x), sample_keys)
         else:             # GPT-1: LN(x + f(x))
-            x = self.ln_1(x + self.attn(x, kv_cache, key_padding_mask))
-            x = self.ln_2(x + self.mlp(x))
+            x = self.ln_1(x + self.attn(x, kv_cache, key_padding_mask, sample_keys))
+            x = self.ln_2(x + self.mlp(x, sample_keys))
         return x
 
 
@@ -261,6 +263,11 @@ class GPT(nn.Module):
       `.update(layer_idx, k, v) -> (k_all, v_all)` (see gptfast.generate.KVCache). The new tokens
       sit at absolute positions [pos, pos+T); the cache advances by T after the forward.
     key_padding_mask: (B, Sk) bool, True = real token, Sk = (cache.pos if cache else 0) + T.
+    sample_keys: (B,) int64, one key per row (`gptfast.randomness.sample_keys`: from the run
+      seed and the row's global sample index). In training mode the embedding and residual
+      dropout masks of row b then depend only on (sample_keys[b], layer, position), not on the
+      batch the row is in: what makes a run on N processes match the run on one. None: the
+      usual nn.Dropout masks. The attention dropout is not keyed (see gptfast.randomness).
     """
 
     def __init__(self, config: GPTConfig):
@@ -271,7 +278,7 @@ class GPT(nn.Module):
                     if config.position == "learned" else None)
         self.ln_emb = (nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
                        if config.embedding_ln else None)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = KeyedDropout(config.dropout, site=0)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = (nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
                      if config.final_ln else nn.Identity())
@@ -327,7 +334,8 @@ class GPT(nn.Module):
                              f"{tuple(key_padding_mask.shape)} {key_padding_mask.dtype}")
         return start
 
-    def forward_hidden(self, idx, *, kv_cache=None, key_padding_mask=None) -> torch.Tensor:
+    def forward_hidden(self, idx, *, kv_cache=None, key_padding_mask=None,
+                       sample_keys=None) -> torch.Tensor:
         """Final hidden states (B, T, C), after the final LayerNorm when config.final_ln."""
         start = self._check_inputs(idx, kv_cache, key_padding_mask)
         B, T = idx.shape
@@ -337,19 +345,21 @@ class GPT(nn.Module):
             x = x + self.wpe(pos)
         if self.ln_emb is not None:
             x = self.ln_emb(x)
-        x = self.drop(x)
+        x = self.drop(x, sample_keys)
         for block in self.h:
-            x = block(x, kv_cache, key_padding_mask)                                # (B, T, C)
+            x = block(x, kv_cache, key_padding_mask, sample_keys)                   # (B, T, C)
         if kv_cache is not None:
             kv_cache.advance(T)
         return self.ln_f(x)                                                         # (B, T, C)
 
-    def forward(self, idx, targets=None, *, kv_cache=None, key_padding_mask=None):
+    def forward(self, idx, targets=None, *, kv_cache=None, key_padding_mask=None,
+                sample_keys=None):
         if targets is not None and (not isinstance(targets, torch.Tensor)
                                     or tuple(targets.shape) != tuple(idx.shape)):
             got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets)
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, got {got}")
-        x = self.forward_hidden(idx, kv_cache=kv_cache, key_padding_mask=key_padding_mask)
+        x = self.forward_hidden(idx, kv_cache=kv_cache, key_padding_mask=key_padding_mask,
+                                sample_keys=sample_keys)
         B, T, C = x.shape
         if targets is not None:
             loss = gptfast.linear_cross_entropy(x.view(-1, C), self.output_weight,
@@ -359,10 +369,10 @@ class GPT(nn.Module):
         logits = F.linear(x[:, -1:, :], self.output_weight)                         # (B, 1, V)
         return logits, None
 
-    def logits(self, idx, *, key_padding_mask=None) -> torch.Tensor:
+    def logits(self, idx, *, key_padding_mask=None, sample_keys=None) -> torch.Tensor:
         """Logits at every position (B, T, V). Materializes them: for small inputs and tests."""
-        return F.linear(self.forward_hidden(idx, key_padding_mask=key_padding_mask),
-                        self.output_weight)
+        return F.linear(self.forward_hidden(idx, key_padding_mask=key_padding_mask,
+                                            sample_keys=sample_keys), self.output_weight)
 
 
 # ----------------------------------------------------------------------------- training helpers
@@ -381,22 +391,29 @@ def shift_targets(idx: torch.Tensor, pad_id: Optional[int] = None,
 
 
 def scheduled_sampling_inputs(model: GPT, idx: torch.Tensor, p: float,
-                              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                              generator: Optional[torch.Generator] = None, *,
+                              sample_keys: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Scheduled sampling (Bengio et al., 2015) with greedy predictions.
 
     Each position t >= 1 is replaced, with probability p, by the model's greedy prediction for it
     (argmax of the logits at t-1 from one no-grad pass over idx, in the model's current mode).
     Returns idx itself when p == 0. Targets stay `shift_targets(idx)` of the original sequence.
+    The draws come from `generator`, or with `sample_keys` (B,) from the rows' keys (and the
+    pass's dropout too: see GPT.forward), so that a row's replacements do not depend on its batch.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p!r}")
     if p == 0.0:
         return idx
+    pass_keys = None if sample_keys is None else derive_keys(sample_keys, SITE_SCHEDULED_SAMPLING)
     with torch.no_grad():
-        pred = model.logits(idx).argmax(dim=-1)                                     # (B, T)
+        pred = model.logits(idx, sample_keys=pass_keys).argmax(dim=-1)              # (B, T)
     pred_for = torch.cat([idx[:, :1], pred[:, :-1]], dim=1)     # (B, T): prediction FOR position t
-    draw_device = idx.device if generator is None else generator.device
-    draw = torch.rand(idx.shape, generator=generator, device=draw_device).to(idx.device)
+    if sample_keys is not None:
+        draw = keyed_uniform(sample_keys, SITE_SCHEDULED_SAMPLING, idx.shape[1:])   # (B, T)
+    else:
+        draw_device = idx.device if generator is None else generator.device
+        draw = torch.rand(idx.shape, generator=generator, device=draw_device).to(idx.device)
     replace = draw < p                                                               # (B, T)
     replace[:, 0] = False
     return torch.where(replace, pred_for, idx)

@@ -1,11 +1,20 @@
 """Training loop: AdamW + warmup/cosine LR, clipping, accumulation, bf16 autocast on GPU,
-periodic validation, scheduled sampling, atomic checkpoints with bit-for-bit resume.
+periodic validation, scheduled sampling, atomic checkpoints with bit-for-bit resume, and
+data-parallel (DDP) or fully sharded (FSDP2) training under torchrun (gptfast.distributed).
 
     cfg = TrainConfig(preset="tiny", steps=200, out_dir="runs/tiny")
     summary = train(cfg)            # prints a progress bar and a summary, returns a dict
 
-Outputs in ``cfg.out_dir``: ``ckpt.pt`` (see gptfast.checkpoint), ``log.json`` (history + configs +
-summary) and ``loss.png`` (the loss curves).
+Outputs in ``cfg.out_dir``: ``ckpt.pt`` (see gptfast.checkpoint; under FSDP it points to a
+``ckpt-<step>.dcp/`` folder of shards), ``log.json`` (history + configs + summary) and
+``loss.png`` (the loss curves).
+
+The same run on any number of processes: ``batch_size`` is the global micro-batch (each of W
+processes takes B/W rows of it), the data are ordered by global sample index (every process
+draws the same window starts and reads its rows), and the embedding/residual dropout and
+scheduled sampling draw from the rows' keys (gptfast.randomness), so W processes follow the
+one-process run up to float rounding, and a run resumed on another W continues it. The
+attention dropout alone depends on the layout (reproducible for a given W).
 """
 from __future__ import annotations
 
@@ -22,9 +31,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import (BatchSampler, ByteTokenizer, fixed_batches, get_tokenizer, load_corpus,
                    tokenizer_state, unigram_baseline)
+from .distributed import DistContext
 
 __all__ = [
     "TrainConfig",
@@ -39,6 +49,7 @@ __all__ = [
     "load_any",
     "resolve_checkpoint",
     "TrainingDiverged",
+    "ResumeMismatch",
     "MemoryPreflightError",
     "estimate_step_memory",
     "memory_preflight",
@@ -89,6 +100,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu; or "fp32" / "bf16"
     compile: bool = False
     seed: int = 1337
+    parallel: Optional[str] = None  # under torchrun: "ddp" (default) or "fsdp" (gptfast.distributed)
 
     def validate(self) -> None:
         def positive(name):
@@ -129,6 +141,8 @@ class TrainConfig:
             raise ValueError(f"scheduled_sampling must be in [0, 1], got {self.scheduled_sampling!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        if self.parallel not in (None, "ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -175,13 +189,15 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on 2-D weights only (model.param_groups); fused on CUDA."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device,
+                    fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with weight decay on 2-D weights only (model.param_groups); fused on CUDA unless
+    fused=False (FSDP2's DTensor parameters take the foreach implementation)."""
     from .model import param_groups
 
     groups = param_groups(model, cfg.weight_decay)
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    if device.type == "cuda":
+    if device.type == "cuda" and fused:
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
@@ -284,7 +300,19 @@ def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] =
     model checkpoint (a fine-tuned classifier: see `load_any`) or whose weights are not finite.
     """
     path = resolve_checkpoint(path)
-    return _lm_from_checkpoint(load_checkpoint(path), path, device)
+    return _lm_from_checkpoint(load_full_checkpoint(path), path, device)
+
+
+def load_full_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """`load_checkpoint`, with the model's weights read from the shards folder when the file
+    comes from an FSDP run (so every reader of a run folder sees one format)."""
+    from .distributed import full_model_state, shard_folder
+
+    ckpt = load_checkpoint(path)
+    folder = shard_folder(path, ckpt)
+    if folder is not None and "model" not in ckpt:
+        ckpt["model"] = full_model_state(folder)
+    return ckpt
 
 
 def _lm_from_checkpoint(ckpt: Dict[str, Any], path, device):
@@ -311,7 +339,7 @@ def _checkpoint_tokenizer(ckpt: Dict[str, Any], path):
 def load_any(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
     """Like `load_model`, also for fine-tuned classifiers -> (model, tokenizer, checkpoint)."""
     path = resolve_checkpoint(path)
-    ckpt = load_checkpoint(path)
+    ckpt = load_full_checkpoint(path)
     if ckpt.get("kind", "lm") == "classifier":
         from .finetune import classifier_from_checkpoint
 
@@ -386,10 +414,13 @@ HEADROOM = 0.9  # a run may plan to use this much of the free memory (allocator 
 
 
 def memory_preflight(model_cfg, batch_size: int, device: torch.device, bf16: bool,
-                     available: Optional[int] = None) -> Dict[str, int]:
+                     available: Optional[int] = None, state_shards: int = 1) -> Dict[str, int]:
     """Raise MemoryPreflightError, saying what to change, when a training step would need
-    more memory than `available` (default: what the device has free now)."""
+    more memory than `available` (default: what the device has free now). batch_size: this
+    process's rows; state_shards: processes the weights and optimizer state are sharded over
+    (FSDP)."""
     need = estimate_step_memory(model_cfg, batch_size, device, bf16)
+    need["state"] = -(-need["state"] // state_shards)
     have = available if available is not None else available_memory(device)
     total = sum(need.values())
     if have is None or total <= HEADROOM * have:
@@ -400,7 +431,8 @@ def memory_preflight(model_cfg, batch_size: int, device: torch.device, bf16: boo
         advice = ("the attention materializes its T x T scores here (gptfast explain says why: "
                   "on a CPU, attention dropout; --attn-dropout 0 avoids it); or " + advice)
     if need["state"] > have:
-        advice = "the model alone does not fit: choose a smaller --preset"
+        advice = ("the model alone does not fit: choose a smaller --preset"
+                  + (" or shard it over more processes" if state_shards > 1 else ""))
     raise MemoryPreflightError(
         f"a training step needs about {_gib(total)} ({parts}) but {device.type} has "
         f"{_gib(have)} available (runs use at most {HEADROOM:.0%} of it): {advice}")
@@ -471,26 +503,52 @@ def _diverged(what: str, step: int, lr: float, last_saved: Optional[int],
         f"Lower --lr, or raise --warmup; --grad-clip limits the update size")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter (an FSDP2 DTensor's shard), detached."""
+    t = t.detach()
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nonfinite_weights(model: torch.nn.Module) -> torch.Tensor:
+    """Device bool: some weight held by this process is NaN or infinite (no sync)."""
+    return ~torch.stack([_local(p).isfinite().all() for p in model.parameters()]).all()
+
+
 def stop_if_diverged(nonfinite: torch.Tensor, step: int, lr: float, model: torch.nn.Module, *,
-                     check_weights: bool, last_saved: Optional[int], ckpt_path: Path) -> None:
+                     check_weights: bool, last_saved: Optional[int], ckpt_path: Path,
+                     ctx: Optional[DistContext] = None) -> None:
     """Raise TrainingDiverged when a loss since the last check was not finite (`nonfinite`, a
     device flag accumulated without syncing) or, with check_weights (before every save), when
-    a weight is not. The one place a run decides to stop: a multi-process run reduces the flag
-    here so that every process stops together."""
-    if bool(nonfinite):
+    a weight is not. The one place a run decides to stop: on several processes the flags are
+    reduced (max) first, so every process raises at the same step, and none saves."""
+    flags = torch.stack([nonfinite.to(torch.int32).reshape(()),
+                         (nonfinite_weights(model) if check_weights
+                          else torch.zeros_like(nonfinite)).to(torch.int32).reshape(())])
+    if ctx is not None:
+        ctx.all_reduce(flags, "max")
+    loss_bad, weights_bad = flags.tolist()
+    if loss_bad:
         raise _diverged("the loss became NaN or infinite", step, lr, last_saved, ckpt_path)
-    if check_weights:
-        finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
-        if not bool(finite):
-            raise _diverged("the weights became NaN or infinite", step, lr, last_saved,
-                            ckpt_path)
+    if weights_bad:
+        raise _diverged("the weights became NaN or infinite", step, lr, last_saved, ckpt_path)
 
 
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
+class ResumeMismatch(ValueError):
+    """A resumed run was asked for a model other than the checkpoint's (`field` names the
+    option)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @torch.no_grad()
-def evaluate(model, batches, device, autocast) -> float:
+def evaluate(model, batches, device, autocast, ctx: Optional[DistContext] = None) -> float:
+    """Mean loss over `batches` (this process's rows of each); averaged over the processes,
+    which hold equal row counts, it is the mean over the whole batches."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), device=device)
@@ -499,16 +557,59 @@ def evaluate(model, batches, device, autocast) -> float:
             _, loss = model(x.to(device), y.to(device))
         total += loss.float()
     model.train(was_training)
+    if ctx is not None:
+        ctx.all_reduce(total, "mean")
     return float(total) / len(batches)
 
 
+def _check_resume_model(cfg: TrainConfig, model_cfg, path) -> None:
+    """A resumed run keeps the checkpoint's model: an explicit model option that differs is an
+    error, not silently ignored."""
+    asked = dict(cfg.model_overrides)
+    for name in ("block_size", "dropout", "attn_dropout"):
+        if getattr(cfg, name) is not None:
+            asked[name] = getattr(cfg, name)
+    for name, value in asked.items():
+        have = getattr(model_cfg, name, None)
+        if have != value:
+            raise ResumeMismatch(name, f"{path} holds a model with {name}={have!r}, not {value!r}: "
+                                       f"a resumed run keeps its checkpoint's model (drop the "
+                                       f"option, or start a new run in another folder)")
+
+
 def train(cfg: TrainConfig) -> Dict[str, Any]:
-    """Train (or resume) per ``cfg``; returns the summary dict (also stored in log.json)."""
-    from .model import GPT, get_config, scheduled_sampling_inputs
+    """Train (or resume) per ``cfg``; returns the summary dict (also stored in log.json).
+
+    Under torchrun (its environment variables), every process calls this: the run is split
+    over them per ``cfg.parallel`` (see gptfast.distributed); rank 0 alone prints and writes
+    the log, the plot and (DDP) the checkpoint."""
+    from .distributed import launch_from_env, setup
 
     cfg.validate()
-    say = print if cfg.verbose else (lambda *a, **k: None)
-    device = resolve_device(cfg.device)
+    launch = launch_from_env()
+    if launch is not None and cfg.batch_size % launch.world_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} cannot be split over {launch.world_size} processes "
+            f"(WORLD_SIZE): the global batch per micro-step must be a multiple of the number of "
+            f"processes, which each take batch_size / {launch.world_size} rows (the global batch "
+            f"per step is batch_size x grad_accum, whatever the number of processes)")
+    ctx = setup(cfg.parallel, cfg.device, launch)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: TrainConfig, ctx: DistContext) -> Dict[str, Any]:
+    from .distributed import (load_full_into_sharded, load_sharded, remove_stale_shards,
+                              save_sharded, shard_folder)
+    from .model import GPT, get_config, scheduled_sampling_inputs
+    from .randomness import layout_seed, sample_keys
+
+    main = ctx.is_main
+    say = print if (cfg.verbose and main) else (lambda *a, **k: None)
+    device = ctx.device
+    fsdp = ctx.mode == "fsdp"
     out_dir = Path(cfg.out_dir)
     ckpt_path = out_dir / CKPT_NAME
 
@@ -516,11 +617,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.resume not in (None, False):
         rpath = ckpt_path if cfg.resume in (True, "") else Path(cfg.resume)
         resume_state = load_checkpoint(rpath)  # FileNotFoundError / CheckpointError for bad paths
+        if resume_state.get("kind", "lm") != "lm":
+            raise CheckpointError(f"{rpath}: holds a {resume_state['kind']} (gptfast finetune), "
+                                  f"not a language model run to resume")
+        if "model_config" not in resume_state or "sampler" not in resume_state:
+            raise CheckpointError(f"{rpath}: not a training checkpoint of gptfast train")
         check_finite_weights(resume_state.get("model", {}), rpath)
         ckpt_path_in = rpath
     # model config: the checkpoint's when resuming, else preset + overrides
     if resume_state is not None:
         model_cfg = _model_config(resume_state["model_config"])
+        _check_resume_model(cfg, model_cfg, ckpt_path_in)
         tok = _checkpoint_tokenizer(resume_state, rpath)
     else:
         overrides = dict(cfg.model_overrides)
@@ -543,8 +650,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             f"tokenizer's {tok.vocab_size}"
         )
     T = model_cfg.block_size
+    rows = cfg.batch_size // ctx.world_size          # this process's rows of each micro-batch
     use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    memory_preflight(model_cfg, cfg.batch_size, device, use_bf16)  # before allocating anything
+    memory_preflight(model_cfg, rows, device, use_bf16,   # before allocating anything
+                     state_shards=ctx.world_size if fsdp else 1)
 
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, val_fraction=cfg.val_fraction, tokenizer=tok)
     baseline = unigram_baseline(corpus.train, corpus.val, tok.vocab_size) if len(corpus.val) else None
@@ -553,24 +662,33 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     model.train()
-    optimizer = build_optimizer(model, cfg, device)
-    sampler = BatchSampler(corpus.train, cfg.batch_size, T, seed=cfg.seed, device=device)
-    val_batches = fixed_batches(corpus.val, cfg.batch_size, T, cfg.eval_batches, seed=cfg.seed + 1)
-    ss_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    if resume_state is not None and "model" in resume_state and not fsdp:
+        model.load_state_dict(resume_state["model"])   # before DDP copies rank 0's weights
+    wrapped = ctx.wrap(model)              # DDP(model), or model sharded in place (FSDP2)
+    optimizer = build_optimizer(model, cfg, device, fused=not fsdp)
+    sampler = BatchSampler(corpus.train, cfg.batch_size, T, seed=cfg.seed, device=device,
+                           rank=ctx.rank, world_size=ctx.world_size)
+    r0 = ctx.rank * rows
+    val_batches = [(x[r0:r0 + rows], y[r0:r0 + rows]) for x, y in                # this process's
+                   fixed_batches(corpus.val, cfg.batch_size, T, cfg.eval_batches,   # rows of each
+                                 seed=cfg.seed + 1)]
     history: List[dict] = []
     start_step = 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
+        folder = shard_folder(ckpt_path_in, resume_state)
+        if folder is not None:
+            load_sharded(folder, model, optimizer)    # any wrapping, any number of processes
+            if bool(ctx.all_reduce(nonfinite_weights(model).to(torch.int32), "max")):
+                raise CheckpointError(f"{folder}: holds non-finite weights; it comes from a run "
+                                      f"that diverged: retrain with a lower --lr")
+        elif fsdp:
+            load_full_into_sharded(resume_state, model, optimizer)
+        else:
+            optimizer.load_state_dict(resume_state["optimizer"])
         sampler.load_state_dict(resume_state["sampler"])
-        rng = resume_state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if rng.get("scheduled_sampling") is not None:
-            ss_gen.set_state(rng["scheduled_sampling"])
         history = list(resume_state.get("history", []))
         start_step = int(resume_state["step"])
+        resume_state = {k: v for k, v in resume_state.items() if k not in ("model", "optimizer")}
 
     if use_bf16:
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
@@ -580,14 +698,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.cuda.reset_peak_memory_stats(device)
-    run_model = torch.compile(model) if cfg.compile else model
+    run_model = torch.compile(wrapped) if cfg.compile else wrapped
 
     min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
     decay_steps = cfg.decay_steps if cfg.decay_steps is not None else cfg.steps
     n_params = model.num_params()
     fpt = flops_per_token(model.num_params(exclude_positions=True), model_cfg.n_layer, model_cfg.n_embd, T)
     peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * T
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * T      # global: every process together
     save_every = cfg.save_every if cfg.save_every is not None else cfg.eval_every
 
     say(
@@ -595,6 +713,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         f"d={model_cfg.n_embd} T={T}) device={device}{' bf16' if use_bf16 else ''}"
         f"{' compiled' if cfg.compile else ''}"
     )
+    if ctx.active:
+        say(f"parallel: {ctx.mode} on {ctx.world_size} process(es) "
+            f"({'nccl' if device.type == 'cuda' else 'gloo'}), {rows} of the {cfg.batch_size} "
+            f"rows of each micro-batch per process, global batch {cfg.batch_size * cfg.grad_accum}")
     say(f"data: {corpus.describe()}")
     if tok.kind == "byte" and model_cfg.vocab_size > tok.vocab_size:
         say(f"tokenizer: byte-level ({tok.vocab_size} ids), not the BPE tokenizer preset "
@@ -607,31 +729,35 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if resume_state is not None:
         say(f"resumed from {ckpt_path_in} at step {start_step}")
 
-    def snapshot(step_done: int) -> dict:
+    def meta(step_done: int) -> dict:
         return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
             "step": step_done,
             "model_config": dataclasses.asdict(model_cfg),
             "train_config": dataclasses.asdict(cfg),
             "tokenizer": tok.kind,
             "tokenizer_state": tokenizer_state(tok),
-            "sampler": sampler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "scheduled_sampling": ss_gen.get_state(),
-            },
+            "sampler": sampler.state_dict(),   # the same on every process
+            "randomness": "keyed by global sample index (gptfast.randomness)",
+            "parallel": ctx.mode,
+            "world_size": ctx.world_size,
             "history": history,
             "unigram_baseline": baseline,
         }
+
+    def save(step_done: int) -> None:
+        if fsdp:
+            save_sharded(ctx, ckpt_path, step_done, model, optimizer, meta(step_done))
+        elif main:   # DDP: every process holds the same weights; rank 0 writes them
+            save_checkpoint(ckpt_path, dict(meta(step_done), model=model.state_dict(),
+                                            optimizer=optimizer.state_dict()))  # atomic
+            remove_stale_shards(out_dir)      # shards of an earlier FSDP run in this folder
 
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=cfg.steps,
         initial=start_step,
-        disable=not cfg.progress,
+        disable=not (cfg.progress and main),
         desc="train",
         dynamic_ncols=True,
         file=sys.stderr,
@@ -656,13 +782,19 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             lr = get_lr(step, lr=cfg.lr, min_lr=min_lr, warmup=cfg.warmup, decay_steps=decay_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = sampler.next()
+                keys = sample_keys(cfg.seed, sampler.first_index, rows, device)      # (rows,)
+                # What is not keyed per row (attention dropout) draws from a generator seeded
+                # by this process's position in the run: reproducible for a given layout.
+                torch.manual_seed(layout_seed(cfg.seed, sampler.first_index))
                 if cfg.scheduled_sampling > 0:
-                    x = scheduled_sampling_inputs(model, x, cfg.scheduled_sampling, generator=ss_gen)
-                with autocast():
-                    _, loss = run_model(x, y)
-                (loss / cfg.grad_accum).backward()
+                    x = scheduled_sampling_inputs(model, x, cfg.scheduled_sampling,
+                                                  sample_keys=keys)
+                with ctx.sync_gradients(wrapped, micro == cfg.grad_accum - 1):
+                    with autocast():
+                        _, loss = run_model(x, y, sample_keys=keys)
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float() / cfg.grad_accum
                 nonfinite |= ~torch.isfinite(loss.detach())     # no host sync
             if cfg.grad_clip > 0:
@@ -677,9 +809,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     or (cfg.eval_every and done % cfg.eval_every == 0)):
                 # On a GPU this syncs: only where the loop syncs anyway, and before a save.
                 stop_if_diverged(nonfinite, done, lr, model, check_weights=will_save,
-                                 last_saved=last_saved, ckpt_path=ckpt_path)
+                                 last_saved=last_saved, ckpt_path=ckpt_path, ctx=ctx)
             if n_in_window >= cfg.log_every or is_last:
-                last_train = float(loss_sum) / n_in_window  # one sync per log window
+                # one sync (and one all-reduce) per log window: the mean over every process
+                last_train = float(ctx.all_reduce(loss_sum.clone(), "mean")) / n_in_window
                 loss_sum.zero_()
                 n_in_window = 0
             train_time += time.perf_counter() - t0
@@ -697,7 +830,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     post["val"] = f"{last_val:.4f}"
                 bar.set_postfix(post, refresh=False)
             if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
-                last_val = evaluate(run_model, val_batches, device, autocast)
+                last_val = evaluate(run_model, val_batches, device, autocast, ctx)
                 if not math.isfinite(last_val):
                     raise _diverged(f"the validation loss is {last_val}", done, lr, last_saved,
                                     ckpt_path)
@@ -707,7 +840,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if record["train_loss"] is not None or record["val_loss"] is not None:
                 history.append(record)
             if will_save:
-                save_checkpoint(ckpt_path, snapshot(done))   # atomic: the old one or the new
+                save(done)            # the old checkpoint or the new one, never half of one
                 last_saved = done
     finally:
         bar.close()
@@ -716,15 +849,22 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         torch.cuda.synchronize(device)
     final_val = last_val
     if final_val is None and start_step >= cfg.steps:  # nothing left to train: just evaluate
-        final_val = evaluate(run_model, val_batches, device, autocast)
-    tps = tokens_done / train_time if train_time > 0 else None
-    mfu = (fpt * tps / peak) if (peak and tps) else None
+        final_val = evaluate(run_model, val_batches, device, autocast, ctx)
+    # the slowest process's time and memory: the run waits for it
+    train_time = float(ctx.all_reduce(torch.tensor([train_time], device=device), "max"))
     mem, mem_kind = _peak_memory(device)
+    if ctx.active and mem is not None:
+        mem = int(ctx.all_reduce(torch.tensor([mem], device=device, dtype=torch.float64), "max"))
+        mem_kind += " (the largest process)"
+    tps = tokens_done / train_time if train_time > 0 else None
+    mfu = (fpt * tps / (peak * ctx.world_size)) if (peak and tps) else None
     summary = {
         "steps": cfg.steps,
         "start_step": start_step,
         "params": n_params,
         "device": str(device) if device.type != "cuda" else f"cuda ({torch.cuda.get_device_name(device)})",
+        "parallel": ctx.mode,
+        "world_size": ctx.world_size,
         "bf16": use_bf16,
         "tokens": tokens_done,
         "train_time_s": train_time,
@@ -739,20 +879,21 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         "checkpoint": str(ckpt_path),
         "out_dir": str(out_dir),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(
-        out_dir / "log.json",
-        {
-            "history": history,
-            "summary": summary,
-            "train_config": dataclasses.asdict(cfg),
-            "model_config": dataclasses.asdict(model_cfg),
-        },
-    )
-    if cfg.plot and history:
-        plot_history(history, out_dir / "loss.png", baseline, title=f"gptfast {cfg.preset}")
-    if cfg.verbose:
-        say(format_summary(summary))
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(
+            out_dir / "log.json",
+            {
+                "history": history,
+                "summary": summary,
+                "train_config": dataclasses.asdict(cfg),
+                "model_config": dataclasses.asdict(model_cfg),
+            },
+        )
+        if cfg.plot and history:
+            plot_history(history, out_dir / "loss.png", baseline, title=f"gptfast {cfg.preset}")
+        if cfg.verbose:
+            say(format_summary(summary))
     return summary
 
 

@@ -12,6 +12,7 @@ with its own timeout (a slow stage costs only itself), each writing its results 
   pytest    `pytest -m gpu` -> pass/fail/skip counts from its junit xml
   train     a short training run of the demo model, counting kernel launches (proof that the
             fused ops run inside the model) and recording gptfast.explain's decisions
+  train-ddp the same trainer under torchrun, one process, --parallel ddp (NCCL): a few steps
   bench-*   the four benchmarks in quick mode
 
 Outputs in $OUT (else gpu-check-out/): summary.md, results.json (every number, commit, kernel
@@ -49,7 +50,7 @@ BENCHES = ("attention", "cross_entropy", "train", "generate")
 # five minutes on an H100 with a build); a stage gets min(own, time left - floors of the
 # stages after it), never less than its floor. Measured guesses, tune from results.json.
 STAGES = [("env", 30, 10), ("install", 60, 15), ("build", 100, 40), ("pytest", 90, 30),
-          ("train", 45, 20), ("bench-attention", 60, 25), ("bench-cross_entropy", 70, 25),
+          ("train", 45, 20), ("train-ddp", 40, 15), ("bench-attention", 60, 25), ("bench-cross_entropy", 70, 25),
           ("bench-train", 90, 30), ("bench-generate", 40, 15)]
 # Rows a GPU run must have, per benchmark: (peer, required only when its wheel was brought).
 REQUIRED = {
@@ -306,6 +307,33 @@ class Check:
         return {"status": self.status_of(r, fused is not False and bool(info)), **r,
                 "note": note}
 
+    def train_ddp_stage(self, timeout: float) -> dict:
+        """`torchrun --nproc_per_node=1 -m gptfast train --parallel ddp`: the launch is
+        detected, the process group made (NCCL on the GPU, gloo in the dry run) and the model
+        wrapped in DDP; a few steps, rank 0 writes the checkpoint and log.json."""
+        run = self.work / "train-ddp"
+        cuda = not self.dry_run
+        args = ["-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=1",
+                "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--max-restarts=0",
+                "-m", "gptfast", "train", "--parallel", "ddp",
+                "--preset", "demo" if cuda else "tiny", "--steps", "20" if cuda else "4",
+                "--batch-size", "16" if cuda else "4",
+                "--max-bytes", "2000000" if cuda else "200000",
+                "--eval-every", "0", "--eval-batches", "2", "--log-every", "5", "--warmup", "2",
+                "--out", str(run), "--device", "cuda" if cuda else "cpu", "--no-progress",
+                "--no-plot"] + ([] if cuda else ["--block-size", "64", "--threads", "1"])
+        env = dict(self.env, GLOO_SOCKET_IFNAME="lo")
+        r = run_cmd([self.py] + args, self.logs / "train-ddp.log", timeout, env)
+        summary = {}
+        if (run / "log.json").exists():
+            summary = json.loads((run / "log.json").read_text()).get("summary", {})
+        self.results["train_ddp"] = summary
+        ok = (summary.get("parallel") == "ddp" and summary.get("world_size") == 1
+              and summary.get("train_loss") is not None and (run / "ckpt.pt").exists())
+        note = (f"{summary.get('tokens_per_s') or 0:,.0f} tokens/s, loss "
+                f"{summary.get('train_loss') or float('nan'):.3f}" if summary else "no log.json")
+        return {"status": self.status_of(r, ok), **r, "note": note}
+
     def bench_stage(self, name: str, timeout: float) -> dict:
         script = REPO / "benchmarks" / f"bench_{name}.py"
         args = [str(script), "--quick", "--out", str(self.bench_dir)]
@@ -485,7 +513,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout-scale", type=float, default=1.0,
                    help="multiply every stage's own timeout (slower machines)")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
-                   help="comma-separated stages to run (env,install,build,pytest,train,bench or "
+                   help="comma-separated stages to run (env,install,build,pytest,train,train-ddp,bench or "
                         "bench-<name>); the others are reported as skipped")
     p.add_argument("--bench-results", default=None,
                    help="folder with <name>.json of benchmarks not run now (e.g. from a previous run)")
@@ -505,6 +533,7 @@ def main(argv=None) -> int:
     check.stage("build", check.build_stage)
     check.stage("pytest", check.pytest_stage)
     check.stage("train", check.train_stage)
+    check.stage("train-ddp", check.train_ddp_stage)
     for name in BENCHES:
         check.stage(f"bench-{name}", lambda t, n=name: check.bench_stage(n, t))
         if check.results["stages"][f"bench-{name}"]["status"] == "skipped" and args.bench_results:

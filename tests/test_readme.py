@@ -48,10 +48,41 @@ def command_lines():
     return lines
 
 
+def torchrun_lines():
+    lines = []
+    for block in blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line.startswith("torchrun "):
+                lines.append(line)
+    return lines
+
+
 @pytest.mark.parametrize("line", command_lines())
 def test_readme_commands_parse(line):
     args = cli.build_parser().parse_args(shlex.split(line)[1:])    # SystemExit on a bad one
     assert args.command in cli.HANDLERS
+
+
+@pytest.mark.parametrize("line", torchrun_lines())
+def test_readme_torchrun_lines_parse(line):
+    """torchrun's own parser takes the launcher's options, gptfast's the rest."""
+    from torch.distributed.run import get_args_parser
+
+    words = shlex.split(line)[1:]
+    cut = words.index("-m")
+    launcher = get_args_parser().parse_args(words[:cut] + ["-m", "gptfast"])
+    assert launcher.module and launcher.training_script == "gptfast"
+    assert words[cut + 1] == "gptfast"
+    args = cli.build_parser().parse_args(words[cut + 2:])
+    assert args.command == "train" and args.parallel in ("ddp", "fsdp")
+
+
+def test_readme_shows_single_node_and_multi_node_launches():
+    lines = torchrun_lines()
+    assert any("--standalone" in l and "--parallel ddp" in l for l in lines)
+    assert any("--standalone" in l and "--parallel fsdp" in l for l in lines)
+    assert any("--nnodes=2" in l and "--rdzv-endpoint" in l for l in lines)
 
 
 def test_readme_shows_the_newcomer_path():
