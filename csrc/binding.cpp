@@ -7,6 +7,7 @@
 // Op schemas are declared once, in Python (gptfast/ops); this file registers implementations.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "common/launch.h"
+#include "cross_entropy/configs.h"
 #include "cross_entropy/cross_entropy.h"
 #include "tests/primitives.h"
 
@@ -271,6 +273,280 @@ void cross_entropy_bwd_inplace(const std::optional<Tensor>& grad_rows,
   if (!x.is_same(logits)) logits.copy_(x);  // CPU layer: back from the guarded copy
 }
 
+// ---- linear cross-entropy ---------------------------------------------------------------------
+
+// fp32 scratch the lean backward may use (kLinearScratchBytes; tests shrink it to exercise the
+// windowed schedules on small shapes).
+int64_t g_linear_scratch_bytes = gf::ce::kLinearScratchBytes;
+
+int64_t set_linear_scratch_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 1024, "_set_linear_scratch_bytes: expected >= 1024 bytes, got ", bytes);
+  const int64_t before = g_linear_scratch_bytes;
+  g_linear_scratch_bytes = bytes;
+  return before;
+}
+
+struct LinearInputs {
+  Tensor h, w, b, t, order, n_valid;
+  gf::DType dtype;
+};
+
+// Checks the operands of a linear cross-entropy op and puts them where the kernels read them.
+// `order` lists the rows with the non-ignored ones first and `n_valid` counts them, both computed
+// on the device (no host sync).
+LinearInputs linear_inputs(const char* op, Io& io, const Tensor& hidden, const Tensor& weight,
+                           const Tensor& targets, const std::optional<Tensor>& bias,
+                           int64_t ignore_index) {
+  check_device(op, "hidden", hidden);
+  check_device(op, "weight", weight);
+  TORCH_CHECK(hidden.dim() == 2, op, ": hidden: expected shape (N, D), got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1), op,
+              ": weight: expected shape (V, ", hidden.size(1), ") to match hidden (N, D), got ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(0) >= 1 && hidden.size(1) >= 1, op,
+              ": expected V >= 1 and D >= 1, got V = ", weight.size(0), ", D = ", hidden.size(1));
+  TORCH_CHECK(hidden.scalar_type() != at::kFloat, op,
+              ": float32 is not supported by the CUDA backend (its kernels are built on mma.sync, "
+              "which has no fp32 form, and gptfast does not silently use TF32): use fp16/bf16, "
+              "or backend='triton' / 'torch'");
+  const gf::DType dt = dtype_of(op, "hidden", hidden);
+  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), op, ": weight: expected dtype ",
+              hidden.scalar_type(), " (that of hidden), got ", weight.scalar_type());
+  TORCH_CHECK(hidden.stride(1) == 1 && weight.stride(1) == 1, op,
+              ": hidden and weight: expected the last dimension contiguous, got strides ",
+              hidden.strides(), " and ", weight.strides());
+  Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    check_device(op, "bias", *bias);
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias: expected shape (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), op, ": bias: expected dtype ",
+                hidden.scalar_type(), ", got ", bias->scalar_type());
+    b = io.in(bias->contiguous(), "bias");
+  }
+  Tensor t = checked_targets(op, targets, hidden.size(0));
+  const Tensor ignored = t.eq(ignore_index);
+  Tensor order = at::argsort(ignored.to(at::kByte), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  Tensor n_valid = ignored.logical_not().sum(at::kInt).reshape({1});
+  return LinearInputs{io.in(hidden, "hidden"), io.in(weight, "weight"), b, io.in(t, "targets"),
+                      io.in(order, "order"), io.in(n_valid, "n_valid"), dt};
+}
+
+gf::ce::LinearParams linear_params(const LinearInputs& in, int64_t ignore_index,
+                                   double label_smoothing, double z_loss,
+                                   const std::optional<double>& softcap) {
+  gf::ce::LinearParams p;
+  p.hidden = in.h.data_ptr();
+  p.weight = in.w.data_ptr();
+  p.bias = in.b.defined() ? in.b.data_ptr() : nullptr;
+  p.targets = in.t.data_ptr<int64_t>();
+  p.order = in.order.data_ptr<int64_t>();
+  p.n_valid = in.n_valid.data_ptr<int32_t>();
+  p.N = in.h.size(0);
+  p.D = in.h.size(1);
+  p.V = in.w.size(0);
+  p.stride_h = in.h.stride(0);
+  p.stride_w = in.w.stride(0);
+  p.ignore_index = ignore_index;
+  p.label_smoothing = float(label_smoothing);
+  p.z_loss = float(z_loss);
+  p.softcap = softcap.has_value() ? float(*softcap) : 0.0f;
+  return p;
+}
+
+// gptfast::cuda_linear_cross_entropy_fwd: (loss_rows (N,) fp32, lse (N,) fp32).
+std::tuple<Tensor, Tensor> linear_cross_entropy_fwd(const Tensor& hidden, const Tensor& weight,
+                                                    const Tensor& targets,
+                                                    const std::optional<Tensor>& bias,
+                                                    int64_t ignore_index, double label_smoothing,
+                                                    double z_loss, std::optional<double> softcap) {
+  const char* op = "cuda_linear_cross_entropy_fwd";
+  check_options(op, label_smoothing, z_loss, softcap);
+  Io io;
+  LinearInputs in = linear_inputs(op, io, hidden, weight, targets, bias, ignore_index);
+  LaunchCtx ctx(hidden);
+  gf::ce::LinearParams p = linear_params(in, ignore_index, label_smoothing, z_loss, softcap);
+  gf::ce::linear_plan_forward(p, ctx.dev);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const int64_t n = p.N;
+  Tensor partials = io.out({4, p.splits, n}, f32, "partials");
+  Tensor loss = io.out({n}, f32, "loss_rows");
+  Tensor lse = io.out({n}, f32, "lse");
+  p.partials = partials.data_ptr<float>();
+  p.loss = loss.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  gf::ce::linear_forward(in.dtype, p, ctx.dev, ctx.stream);
+  io.done(op);
+  return {loss, lse};
+}
+
+// The lean backward into dh (N, D), dw (V, D), db (V,) or undefined, through fp32 accumulator
+// windows of at most g_linear_scratch_bytes:
+//   both accumulators fit                   -> one launch;
+//   dhidden fits in half                    -> vocabulary windows, dhidden accumulated across;
+//   dweight (+ dbias) fits in half          -> row windows, dweight accumulated across;
+//   neither                                 -> a dhidden pass over row windows, then a dweight
+//                                              pass over vocabulary windows (logits recomputed
+//                                              twice: 8 N D V FLOPs instead of 6).
+void linear_backward_windows(const char* op, Io& io, const LinearInputs& in, gf::ce::LinearParams p,
+                             const Tensor& dh, const Tensor& dw, const Tensor& db,
+                             const LaunchCtx& ctx) {
+  const int64_t N = p.N, V = p.V, D = p.D;
+  const int64_t BN = gf::ce::kLinearTile.block_n, BV = gf::ce::kLinearTile.block_v;
+  const int64_t budget = g_linear_scratch_bytes;
+  const int64_t row_bytes = D * 4, v_bytes = D * 4 + (db.defined() ? 4 : 0);
+  auto round_down = [](int64_t x, int64_t m) { return std::max(m, x / m * m); };
+  const auto f32 = dh.options().dtype(at::kFloat);
+
+  struct Window { int64_t start, count; };
+  auto split = [](int64_t total, int64_t step) {
+    std::vector<Window> w;
+    for (int64_t s = 0; s < total; s += step) w.push_back({s, std::min(step, total - s)});
+    return w;
+  };
+  const bool both_fit = N * row_bytes + V * v_bytes <= budget;
+  const bool h_fits = N * row_bytes <= budget / 2, w_fits = V * v_bytes <= budget / 2;
+  std::vector<Window> rows_w, vocab_w;
+  bool fused = true;
+  if (both_fit) {
+    rows_w = {{0, N}};
+    vocab_w = {{0, V}};
+  } else if (h_fits) {
+    rows_w = {{0, N}};
+    vocab_w = split(V, round_down((budget - N * row_bytes) / v_bytes, BV));
+  } else if (w_fits) {
+    vocab_w = {{0, V}};
+    rows_w = split(N, round_down((budget - V * v_bytes) / row_bytes, BN));
+  } else {
+    fused = false;
+    rows_w = split(N, round_down(budget / 2 / row_bytes, BN));
+    vocab_w = split(V, round_down(budget / 2 / v_bytes, BV));
+  }
+  const int64_t max_rows = std::max_element(rows_w.begin(), rows_w.end(), [](auto a, auto b) { return a.count < b.count; })->count;
+  const int64_t max_vocab = std::max_element(vocab_w.begin(), vocab_w.end(), [](auto a, auto b) { return a.count < b.count; })->count;
+  Tensor dh32 = io.out({max_rows, D}, f32, "dhidden accumulator");
+  Tensor dw32 = io.out({max_vocab, D}, f32, "dweight accumulator");
+  Tensor db32 = db.defined() ? io.out({max_vocab}, f32, "dbias accumulator") : Tensor();
+
+  auto flush_rows = [&](const Window& r) {  // rows in `order` positions -> dh rows
+    dh.index_copy_(0, in.order.narrow(0, r.start, r.count), dh32.narrow(0, 0, r.count).to(dh.scalar_type()));
+  };
+  auto flush_vocab = [&](const Window& v) {
+    dw.narrow(0, v.start, v.count).copy_(dw32.narrow(0, 0, v.count));
+    if (db.defined()) db.narrow(0, v.start, v.count).copy_(db32.narrow(0, 0, v.count));
+  };
+  auto run = [&](const Window& r, const Window& v, bool want_h, bool want_w) {
+    p.slot0 = r.start;
+    p.slots = r.count;
+    p.v0 = v.start;
+    p.vcount = v.count;
+    p.dh = want_h ? dh32.data_ptr<float>() : nullptr;
+    p.dw = want_w ? dw32.data_ptr<float>() : nullptr;
+    p.db = want_w && db32.defined() ? db32.data_ptr<float>() : nullptr;
+    gf::ce::linear_backward(in.dtype, p, ctx.dev, ctx.stream);
+  };
+  if (fused && rows_w.size() == 1) {  // dhidden accumulates across vocabulary windows
+    dh32.zero_();
+    for (const Window& v : vocab_w) {
+      dw32.zero_();
+      if (db32.defined()) db32.zero_();
+      run(rows_w[0], v, true, true);
+      flush_vocab(v);
+    }
+    flush_rows(rows_w[0]);
+  } else if (fused) {  // one vocabulary window; dweight accumulates across row windows
+    dw32.zero_();
+    if (db32.defined()) db32.zero_();
+    for (const Window& r : rows_w) {
+      dh32.zero_();
+      run(r, vocab_w[0], true, true);
+      flush_rows(r);
+    }
+    flush_vocab(vocab_w[0]);
+  } else {
+    for (const Window& r : rows_w) {
+      dh32.zero_();
+      run(r, Window{0, V}, true, false);
+      flush_rows(r);
+    }
+    for (const Window& v : vocab_w) {
+      dw32.zero_();
+      if (db32.defined()) db32.zero_();
+      run(Window{0, N}, v, false, true);
+      flush_vocab(v);
+    }
+  }
+  (void)op;
+}
+
+// gptfast::cuda_linear_cross_entropy_bwd: (dhidden, dweight, dbias or an empty tensor).
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
+    const std::optional<Tensor>& grad_rows, const std::optional<Tensor>& grad_lse,
+    const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, const Tensor& lse, int64_t ignore_index,
+    double label_smoothing, double z_loss, std::optional<double> softcap) {
+  const char* op = "cuda_linear_cross_entropy_bwd";
+  check_options(op, label_smoothing, z_loss, softcap);
+  Io io;
+  LinearInputs in = linear_inputs(op, io, hidden, weight, targets, bias, ignore_index);
+  LaunchCtx ctx(hidden);
+  const int64_t n = hidden.size(0);
+  check_device(op, "lse", lse);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 1 && lse.size(0) == n, op,
+              ": lse: expected fp32 of shape (", n, ",), got ", lse.scalar_type(), " ", lse.sizes());
+  Tensor l = io.in(lse.contiguous(), "lse");
+  Tensor gr = checked_rows_grad(op, "grad_rows", grad_rows, n);
+  Tensor gl = checked_rows_grad(op, "grad_lse", grad_lse, n);
+  if (gr.defined()) gr = io.in(gr, "grad_rows");
+  if (gl.defined()) gl = io.in(gl, "grad_lse");
+  gf::ce::LinearParams p = linear_params(in, ignore_index, label_smoothing, z_loss, softcap);
+  p.lse = l.data_ptr<float>();
+  if (gr.defined()) {
+    p.grad_rows = gr.data_ptr<float>();
+    p.stride_g = gr.stride(0);
+  }
+  if (gl.defined()) {
+    p.grad_lse = gl.data_ptr<float>();
+    p.stride_gl = gl.stride(0);
+  }
+  Tensor dh = io.out(hidden.sizes(), hidden.options(), "dhidden");
+  Tensor dw = io.out(weight.sizes(), weight.options(), "dweight");
+  Tensor db = in.b.defined() ? io.out(in.b.sizes(), in.b.options(), "dbias") : Tensor();
+  if (n > 0) {
+    linear_backward_windows(op, io, in, p, dh, dw, db, ctx);
+  } else {
+    dw.zero_();
+    if (db.defined()) db.zero_();
+  }
+  io.done(op);
+  return {dh, dw, db.defined() ? db : hidden.new_empty({0})};
+}
+
+// gptfast::cuda_linear_cross_entropy_fwd_grad (the budgeted schedule's op): (reduced loss, lse,
+// dhidden, dweight, dbias) for a unit upstream gradient of the reduced loss. The CUDA backend
+// computes it with the lean kernels (forward, then backward with the uniform row gradient
+// 1 or 1 / n_valid, kept on the device); memory_budget does not change its memory.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_grad(
+    const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+    const std::optional<Tensor>& bias, int64_t ignore_index, double label_smoothing,
+    double z_loss, std::optional<double> softcap, c10::string_view reduction,
+    int64_t memory_budget) {
+  const char* op = "cuda_linear_cross_entropy_fwd_grad";
+  TORCH_CHECK(reduction == "mean" || reduction == "sum", op,
+              ": reduction: expected 'mean' or 'sum', got '", std::string(reduction), "'");
+  TORCH_CHECK(memory_budget >= 0, op, ": memory_budget: expected >= 0, got ", memory_budget);
+  auto [loss_rows, lse] = linear_cross_entropy_fwd(hidden, weight, targets, bias, ignore_index,
+                                                   label_smoothing, z_loss, softcap);
+  const int64_t n = hidden.size(0);
+  Tensor valid = targets.ne(ignore_index).sum(at::kFloat);
+  Tensor loss = reduction == "mean" ? loss_rows.sum() / valid : loss_rows.sum();
+  Tensor unit = reduction == "mean" ? valid.clamp_min(1.0).reciprocal() : at::ones({}, loss.options());
+  auto [dh, dw, db] = linear_cross_entropy_bwd(unit.expand({n}), std::nullopt, hidden, weight,
+                                               targets, bias, lse, ignore_index, label_smoothing,
+                                               z_loss, softcap);
+  return {loss, lse, dh, dw, db};
+}
+
 // ---- primitive test kernels (tests/test_cuda_sim_primitives.py, tests/test_cuda_gpu.py) --------
 
 Tensor test_shuffles(const Tensor& in) {
@@ -280,7 +556,7 @@ Tensor test_shuffles(const Tensor& in) {
               "_test_shuffles: in: expected a contiguous fp32 vector of 32k <= 1024 elements");
   LaunchCtx ctx(in);
   Tensor out = at::full({5, in.numel()}, NAN, in.options());
-  gf::tests::shuffles(in.data_ptr<float>(), out.data_ptr<float>(), int(in.numel()), ctx.dev,
+  gf::tests::run_shuffles(in.data_ptr<float>(), out.data_ptr<float>(), int(in.numel()), ctx.dev,
                       ctx.stream);
   return out;
 }
@@ -293,7 +569,7 @@ Tensor test_ldmatrix(const Tensor& src, int64_t variant, int64_t pitch) {
               "_test_ldmatrix: variant in [0, 6), pitch a multiple of 8");
   LaunchCtx ctx(src);
   Tensor out = at::zeros({32, 4}, src.options().dtype(at::kInt));
-  gf::tests::ldmatrix(reinterpret_cast<const uint16_t*>(src.data_ptr()),
+  gf::tests::run_ldmatrix(reinterpret_cast<const uint16_t*>(src.data_ptr()),
                       reinterpret_cast<uint32_t*>(out.data_ptr()), int(variant), int(pitch),
                       ctx.dev, ctx.stream);
   return out;
@@ -307,7 +583,7 @@ Tensor test_mma(const Tensor& a, const Tensor& b, const Tensor& c, bool bf16) {
               "_test_mma: a (32, 4) int32, b (32, 2) int32, c (32, 4) fp32 fragments");
   LaunchCtx ctx(a);
   Tensor d = at::full({32, 4}, NAN, c.options());
-  gf::tests::mma(reinterpret_cast<const uint32_t*>(a.data_ptr()),
+  gf::tests::run_mma(reinterpret_cast<const uint32_t*>(a.data_ptr()),
                  reinterpret_cast<const uint32_t*>(b.data_ptr()), c.data_ptr<float>(),
                  d.data_ptr<float>(), bf16, ctx.dev, ctx.stream);
   return d;
@@ -320,7 +596,7 @@ Tensor test_cp_async(const Tensor& src, int64_t bytes, int64_t src_bytes) {
               "_test_cp_async: src: expected 64 * bytes uint8 values");
   LaunchCtx ctx(src);
   Tensor out = at::full({src.numel()}, 0xAB, src.options());
-  gf::tests::cp_async(src.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), int(bytes),
+  gf::tests::run_cp_async(src.data_ptr<uint8_t>(), out.data_ptr<uint8_t>(), int(bytes),
                       int(src_bytes), ctx.dev, ctx.stream);
   return out;
 }
@@ -331,7 +607,7 @@ Tensor test_exp2(const Tensor& x) {
   LaunchCtx ctx(x);
   Tensor y = at::full_like(x, NAN);
   if (x.numel() > 0)
-    gf::tests::exp2(x.data_ptr<float>(), y.data_ptr<float>(), int(x.numel()), ctx.dev, ctx.stream);
+    gf::tests::run_exp2(x.data_ptr<float>(), y.data_ptr<float>(), int(x.numel()), ctx.dev, ctx.stream);
   return y;
 }
 
@@ -341,7 +617,7 @@ Tensor test_atomics(const Tensor& vals, int64_t m) {
               "_test_atomics: fp32 contiguous values, m > 0");
   LaunchCtx ctx(vals);
   Tensor acc = at::zeros({m}, vals.options());
-  gf::tests::atomics(vals.data_ptr<float>(), acc.data_ptr<float>(), int(vals.numel()), int(m),
+  gf::tests::run_atomics(vals.data_ptr<float>(), acc.data_ptr<float>(), int(vals.numel()), int(m),
                      ctx.dev, ctx.stream);
   return acc;
 }
@@ -353,7 +629,7 @@ Tensor test_reductions(const Tensor& in) {
               "_test_reductions: (blocks, threads) fp32, threads a multiple of 32 <= 1024");
   LaunchCtx ctx(in);
   Tensor out = at::full({in.size(0), 2}, NAN, in.options());
-  gf::tests::reductions(in.data_ptr<float>(), out.data_ptr<float>(), int(in.size(0)),
+  gf::tests::run_reductions(in.data_ptr<float>(), out.data_ptr<float>(), int(in.size(0)),
                         int(in.size(1)), ctx.dev, ctx.stream);
   return out;
 }
@@ -442,6 +718,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_fwd", &cross_entropy_fwd);
   m.def("cross_entropy_bwd", &cross_entropy_bwd);
   m.def("cross_entropy_bwd_", &cross_entropy_bwd_inplace);
+  m.def("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
+  m.def("linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
+  m.def("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
+  m.def("_set_linear_scratch_bytes", &set_linear_scratch_bytes);
   m.def("_test_shuffles", &test_shuffles);
   m.def("_test_ldmatrix", &test_ldmatrix);
   m.def("_test_mma", &test_mma);

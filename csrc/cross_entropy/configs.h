@@ -17,3 +17,22 @@ inline constexpr RowConfig kRowConfigs[] = {
 };
 
 }  // namespace gf::ce
+
+namespace gf::ce {
+
+// Linear cross-entropy tiles (compile-time: they size register arrays; the same on sm_80 and
+// sm_90). A block computes a block_n x block_v logits tile with `warps` warps in a 2 x 2 layout
+// (each warp 32 x 32 = 2 x 4 mma.m16n8k16 tiles), streaming D through a `stages`-deep cp.async
+// pipeline in block_k steps. Shared memory: 30 KiB forward, 39 KiB backward (no opt-in needed).
+// Untuned on hardware: 64 x 64 keeps the CPU-layer tests small; larger tiles are the first
+// thing to try on a GPU.
+struct LinearTile {
+  int block_n, block_v, block_k, warps, stages;
+};
+inline constexpr LinearTile kLinearTile{64, 64, 32, 4, 3};
+
+// fp32 scratch the lean backward may hold for its accumulators (dhidden and dweight windows),
+// below the 64 MiB the schedule promises beyond the gradients.
+inline constexpr int64_t kLinearScratchBytes = int64_t(48) << 20;
+
+}  // namespace gf::ce

@@ -18,7 +18,7 @@ class Guards {
   // A guarded copy of `t` (same sizes; a matrix's row pitch grows by 16 elements).
   at::Tensor input(const at::Tensor& t, const std::string& name) { return place(t, name, true); }
 
-  // A NaN-filled contiguous tensor inside guard bands.
+  // A NaN-filled contiguous tensor inside guard bands (no gaps: kernels may assume the layout).
   at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, const std::string& name) {
     return place(at::empty(sizes, opts), name, false);
   }
@@ -54,7 +54,8 @@ class Guards {
         eff[d] = 1;
         src = src.narrow(d, 0, 1);
       }
-    if (t.dim() == 2 && t.size(0) > 1 && t.stride(1) == 1 && t.stride(0) >= t.size(1))
+    // Inputs' rows get NaN gaps (their strides reach the kernels); outputs keep their layout.
+    if (copy && t.dim() == 2 && t.size(0) > 1 && t.stride(1) == 1 && t.stride(0) >= t.size(1))
       strides[0] = t.stride(0) + kRowPad;
     const int64_t numel = t.numel();
     int64_t extent = numel > 0 ? 1 : 0;

@@ -98,17 +98,17 @@ LaunchConfig cfg(const char* name, unsigned blocks, unsigned threads, size_t sme
 
 }  // namespace
 
-void shuffles(const float* in, float* out, int n, const DeviceInfo& dev, Stream s) {
+void run_shuffles(const float* in, float* out, int n, const DeviceInfo& dev, Stream s) {
   launch(shuffles_kernel, cfg("test_shuffles", 1, unsigned(n), 0, s), dev, in, out, n);
 }
 
-void ldmatrix(const uint16_t* src, uint32_t* out, int variant, int pitch, const DeviceInfo& dev,
+void run_ldmatrix(const uint16_t* src, uint32_t* out, int variant, int pitch, const DeviceInfo& dev,
               Stream s) {
   launch(ldmatrix_kernel, cfg("test_ldmatrix", 1, 32, size_t(32) * pitch * 2, s), dev, src, out,
          variant, pitch);
 }
 
-void mma(const uint32_t* a, const uint32_t* b, const float* c, float* d, bool bf16_inputs,
+void run_mma(const uint32_t* a, const uint32_t* b, const float* c, float* d, bool bf16_inputs,
          const DeviceInfo& dev, Stream s) {
   if (bf16_inputs)
     launch(mma_kernel<bf16>, cfg("test_mma_bf16", 1, 32, 0, s), dev, a, b, c, d);
@@ -116,7 +116,7 @@ void mma(const uint32_t* a, const uint32_t* b, const float* c, float* d, bool bf
     launch(mma_kernel<half>, cfg("test_mma_f16", 1, 32, 0, s), dev, a, b, c, d);
 }
 
-void cp_async(const unsigned char* src, unsigned char* out, int bytes, int src_bytes,
+void run_cp_async(const unsigned char* src, unsigned char* out, int bytes, int src_bytes,
               const DeviceInfo& dev, Stream s) {
   const size_t smem = size_t(2) * 32 * bytes;
   if (bytes == 4) launch(cp_async_kernel<4>, cfg("test_cp_async4", 1, 32, smem, s), dev, src, out, src_bytes);
@@ -124,16 +124,16 @@ void cp_async(const unsigned char* src, unsigned char* out, int bytes, int src_b
   if (bytes == 16) launch(cp_async_kernel<16>, cfg("test_cp_async16", 1, 32, smem, s), dev, src, out, src_bytes);
 }
 
-void exp2(const float* x, float* y, int n, const DeviceInfo& dev, Stream s) {
+void run_exp2(const float* x, float* y, int n, const DeviceInfo& dev, Stream s) {
   launch(exp2_kernel, cfg("test_exp2", unsigned((n + 127) / 128), 128, 0, s), dev, x, y, n);
 }
 
-void atomics(const float* vals, float* acc, int n, int m, const DeviceInfo& dev, Stream s) {
+void run_atomics(const float* vals, float* acc, int n, int m, const DeviceInfo& dev, Stream s) {
   launch(atomics_kernel, cfg("test_atomics", unsigned((n + 63) / 64), 64, 0, s), dev, vals, acc,
          n, m);
 }
 
-void reductions(const float* in, float* out, int blocks, int threads, const DeviceInfo& dev,
+void run_reductions(const float* in, float* out, int blocks, int threads, const DeviceInfo& dev,
                 Stream s) {
   launch(reductions_kernel, cfg("test_reductions", unsigned(blocks), unsigned(threads), 128, s),
          dev, in, out);
