@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <climits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -179,13 +180,10 @@ gf::ce::RowParams row_params(const Tensor& logits, const Tensor& targets, int64_
   return p;
 }
 
-// gptfast::cuda_cross_entropy_fwd: (loss_rows (N,) fp32, lse (N,) fp32). `inplace_backward` only
-// matters to the backward (it is an input so autograd can save it).
+// gptfast::cuda_cross_entropy_fwd: (loss_rows (N,) fp32, lse (N,) fp32).
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& targets,
                                              int64_t ignore_index, double label_smoothing,
-                                             double z_loss, std::optional<double> softcap,
-                                             bool inplace_backward) {
-  (void)inplace_backward;
+                                             double z_loss, std::optional<double> softcap) {
   const char* op = "cuda_cross_entropy_fwd";
   check_logits(op, logits);
   check_options(op, label_smoothing, z_loss, softcap);
@@ -529,18 +527,19 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_grad(
     const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, int64_t ignore_index, double label_smoothing,
-    double z_loss, std::optional<double> softcap, c10::string_view reduction,
-    int64_t memory_budget) {
+    double z_loss, std::optional<double> softcap, int64_t reduction, int64_t memory_budget) {
   const char* op = "cuda_linear_cross_entropy_fwd_grad";
-  TORCH_CHECK(reduction == "mean" || reduction == "sum", op,
-              ": reduction: expected 'mean' or 'sum', got '", std::string(reduction), "'");
+  // at::Reduction: 1 mean, 2 sum (0, none, has no single upstream gradient to compute for).
+  TORCH_CHECK(reduction == 1 || reduction == 2, op,
+              ": reduction: expected 1 (mean) or 2 (sum), got ", reduction);
+  const bool mean = reduction == 1;
   TORCH_CHECK(memory_budget >= 0, op, ": memory_budget: expected >= 0, got ", memory_budget);
   auto [loss_rows, lse] = linear_cross_entropy_fwd(hidden, weight, targets, bias, ignore_index,
                                                    label_smoothing, z_loss, softcap);
   const int64_t n = hidden.size(0);
   Tensor valid = targets.ne(ignore_index).sum(at::kFloat);
-  Tensor loss = reduction == "mean" ? loss_rows.sum() / valid : loss_rows.sum();
-  Tensor unit = reduction == "mean" ? valid.clamp_min(1.0).reciprocal() : at::ones({}, loss.options());
+  Tensor loss = mean ? loss_rows.sum() / valid : loss_rows.sum();
+  Tensor unit = mean ? valid.clamp_min(1.0).reciprocal() : at::ones({}, loss.options());
   auto [dh, dw, db] = linear_cross_entropy_bwd(unit.expand({n}), std::nullopt, hidden, weight,
                                                targets, bias, lse, ignore_index, label_smoothing,
                                                z_loss, softcap);
@@ -634,6 +633,28 @@ Tensor test_reductions(const Tensor& in) {
   return out;
 }
 
+// ---- the build's resource table (scripts/cuda_resources.py) ----------------------------------------
+
+// Per kernel function: its launch name, dynamic shared memory and block size, which ptxas -v
+// cannot see (it reports registers, spills and static shared memory).
+py::list kernel_launches() {
+  py::list out;
+  auto add = [&](const char* fn, const char* launch, size_t smem, int threads) {
+    py::dict d;
+    d["function"] = fn;
+    d["launch"] = launch;
+    d["dynamic_smem"] = smem;
+    d["threads"] = threads;
+    out.append(d);
+  };
+  add("row_fwd_kernel", "ce_row_fwd", 3 * 32 * sizeof(float), gf::ce::row_threads(INT64_MAX));
+  add("row_bwd_kernel", "ce_row_bwd", 0, gf::ce::row_threads(INT64_MAX));
+  add("linear_fwd_kernel", "lce_fwd", gf::ce::linear_forward_smem(), 32 * gf::ce::kLinearTile.warps);
+  add("linear_combine_kernel", "lce_combine", 0, 128);
+  add("linear_bwd_kernel", "lce_bwd", gf::ce::linear_backward_smem(), 32 * gf::ce::kLinearTile.warps);
+  return out;
+}
+
 #ifdef GPTFAST_SIM
 // ---- the CPU layer's own controls ------------------------------------------------------------------
 
@@ -687,11 +708,15 @@ py::dict get_stats() {
   return d;
 }
 
+// Runs one of sim/checks.cu's kernels on a guarded input (arange) and a guarded NaN-filled
+// output of max(arg, 1) * 64 floats, then checks the guard bands.
 Tensor run_check(const std::string& name, int64_t arg) {
-  Tensor src = at::arange(4 * 64 + 8, at::kFloat);
-  Tensor out = at::zeros({std::max<int64_t>(arg, 1) * 64}, at::kFloat);
+  Io io;
+  Tensor src = io.in(at::arange(4 * 64 + 8, at::kFloat), "src");
+  Tensor out = io.out({std::max<int64_t>(arg, 1) * 64}, at::TensorOptions().dtype(at::kFloat), "out");
   gf::sim_checks::run(name, src.data_ptr<float>(), out.data_ptr<float>(), int(arg),
                       gf::sim::device_info());
+  io.done("run_check");
   return out;
 }
 
@@ -722,6 +747,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
   m.def("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
   m.def("_set_linear_scratch_bytes", &set_linear_scratch_bytes);
+  m.def("kernel_launches", &kernel_launches);
   m.def("_test_shuffles", &test_shuffles);
   m.def("_test_ldmatrix", &test_ldmatrix);
   m.def("_test_mma", &test_mma);

@@ -37,7 +37,8 @@ ENV = "GPTFAST_CUDA_SIM"
 SANITIZE_ENV = "GPTFAST_CUDA_SIM_SANITIZE"
 ORDERS = ("forward", "reverse", "random")
 
-_COMMON_FLAGS = ["-DGPTFAST_SIM", "-Wall", "-Wno-unused-function", "-Wno-sign-compare"]
+_COMMON_FLAGS = ["-DGPTFAST_SIM", "-Wall", "-Wno-unused-function", "-Wno-sign-compare",
+                 "-Wno-unknown-pragmas"]
 _VARIANTS = {
     "default": dict(cflags=["-O2"], ldflags=[]),
     # Signed overflow, misaligned and out-of-bounds accesses stop the process with a report.

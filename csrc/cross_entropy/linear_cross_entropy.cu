@@ -36,17 +36,20 @@ constexpr size_t operand_bytes() { return size_t(STAGES) * (BN + BV) * LDS * 2; 
 constexpr size_t fwd_smem() { return smem_align_up(operand_bytes(), 16) + size_t(2) * BN * 4 * sizeof(float); }
 constexpr size_t bwd_smem() { return smem_align_up(operand_bytes(), 16) + size_t(BN) * LDG * 2; }
 
+// The pipeline's stages: hidden rows (BN x LDS) and weight rows (BV x LDS) per stage, addressed
+// arithmetically (an array of stage pointers indexed at run time would live in local memory).
 template <class T>
 struct Operands {
-  SmemPtr<T> a[STAGES];  // BN x LDS: hidden rows
-  SmemPtr<T> b[STAGES];  // BV x LDS: weight rows
+  SmemPtr<T> a, b;
+  GF_DEVICE SmemPtr<T> a_stage(int64_t kb) const { return a + int(kb % STAGES) * (BN * LDS); }
+  GF_DEVICE SmemPtr<T> b_stage(int64_t kb) const { return b + int(kb % STAGES) * (BV * LDS); }
 };
 
 template <class T>
 GF_DEVICE Operands<T> take_operands(SmemArena& arena) {
   Operands<T> o;
-  for (int s = 0; s < STAGES; ++s) o.a[s] = arena.take<T>(size_t(BN) * LDS);
-  for (int s = 0; s < STAGES; ++s) o.b[s] = arena.take<T>(size_t(BV) * LDS);
+  o.a = arena.take<T>(size_t(STAGES) * BN * LDS);
+  o.b = arena.take<T>(size_t(STAGES) * BV * LDS);
   return o;
 }
 
@@ -63,6 +66,7 @@ GF_DEVICE void load_rows(SmemPtr<T> dst, const T* base, int64_t stride, int64_t 
                          const int64_t (&ids)[2], int64_t d0, bool vec) {
   const int chunk = int(threadIdx.x) % 4;
   const int64_t d = d0 + chunk * 8;
+  #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int r = int(threadIdx.x) / 4 + 32 * i;
     SmemPtr<T> s = dst + r * LDS + chunk * 8;
@@ -70,6 +74,7 @@ GF_DEVICE void load_rows(SmemPtr<T> dst, const T* base, int64_t stride, int64_t 
     if (vec) {
       cp_async<16>(s, n > 0 ? base + ids[i] * stride + d : base, int(n * int64_t(sizeof(T))));
     } else {
+      #pragma unroll
       for (int e = 0; e < 8; ++e) s[e] = e < n ? base[ids[i] * stride + d + e] : from_float<T>(0.0f);
     }
   }
@@ -80,9 +85,8 @@ template <class T>
 GF_DEVICE void load_stage(const Operands<T>& o, int64_t kb, const T* H, int64_t sh,
                           const int64_t (&hid)[2], bool vec_h, const T* W, int64_t sw,
                           const int64_t (&wid)[2], bool vec_w, int64_t D) {
-  const int s = int(kb % STAGES);
-  load_rows(o.a[s], H, sh, D, hid, kb * BK, vec_h);
-  load_rows(o.b[s], W, sw, D, wid, kb * BK, vec_w);
+  load_rows(o.a_stage(kb), H, sh, D, hid, kb * BK, vec_h);
+  load_rows(o.b_stage(kb), W, sw, D, wid, kb * BK, vec_w);
 }
 
 // acc = H[rows] @ W[vocab rows]^T over all of D for this warp's 32 x 32 part of the tile.
@@ -92,10 +96,14 @@ GF_DEVICE void logits_tile(float (&acc)[2][4][4], const Operands<T>& o, const T*
                            const int64_t (&hid)[2], bool vec_h, const T* W, int64_t sw,
                            const int64_t (&wid)[2], bool vec_w, int64_t D) {
   const int lane = lane_id(), wm = warp_id() / 2, wn = warp_id() % 2;
+  #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
+    #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
+      #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
   const int64_t nk = (D + BK - 1) / BK;
+  #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) load_stage(o, s, H, sh, hid, vec_h, W, sw, wid, vec_w, D);
     cp_async_commit();
@@ -105,11 +113,14 @@ GF_DEVICE void logits_tile(float (&acc)[2][4][4], const Operands<T>& o, const T*
     sync_block();                 // ... for every thread; stage kb - 1 is free again
     if (kb + STAGES - 1 < nk) load_stage(o, kb + STAGES - 1, H, sh, hid, vec_h, W, sw, wid, vec_w, D);
     cp_async_commit();
-    const SmemPtr<T> a = o.a[kb % STAGES], b = o.b[kb % STAGES];
+    const SmemPtr<T> a = o.a_stage(kb), b = o.b_stage(kb);
+    #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       uint32_t af[2][4], bf[4][2];
+      #pragma unroll
       for (int mi = 0; mi < 2; ++mi)  // A 16 x 16: lanes 0-15 rows at col 0, 16-31 at col 8
         ldmatrix_x4(af[mi], a + (wm * 32 + mi * 16 + lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+      #pragma unroll
       for (int nj = 0; nj < 2; ++nj) {  // B 16 x 16 (two n8 tiles), W rows are B's columns
         uint32_t r[4];
         ldmatrix_x4(r, b + (wn * 32 + nj * 16 + lane % 8 + (lane / 16) * 8) * LDS + kk * 16 +
@@ -119,7 +130,9 @@ GF_DEVICE void logits_tile(float (&acc)[2][4][4], const Operands<T>& o, const T*
         bf[2 * nj + 1][0] = r[2];
         bf[2 * nj + 1][1] = r[3];
       }
+      #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
+        #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_m16n8k16<T>(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
     }
   }
@@ -155,6 +168,7 @@ __global__ void __launch_bounds__(THREADS) linear_fwd_kernel(LinearParams p) {
 
   // This thread's 4 accumulator rows: [mi * 2 + (i >= 2)].
   int64_t target[4];
+  #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int64_t slot = tile0 + acc_row(r / 2, (r % 2) * 2);
     target[r] = slot < n_valid ? p.targets[p.order[slot]] : -1;
@@ -169,8 +183,11 @@ __global__ void __launch_bounds__(THREADS) linear_fwd_kernel(LinearParams p) {
     const int64_t wid[2] = {v < p.V ? v : -1, v + 32 < p.V ? v + 32 : -1};
     float acc[2][4][4];
     logits_tile(acc, o, H, p.stride_h, hid, vec_h, W, p.stride_w, wid, vec_w, p.D);
+    #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
+      #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t col = vt * BV + acc_col(ni, i);
           if (col >= p.V) continue;
@@ -183,7 +200,9 @@ __global__ void __launch_bounds__(THREADS) linear_fwd_kernel(LinearParams p) {
         }
   }
   // The 4 lanes of a quad hold the same rows: merge them, then the two column halves (wn).
+  #pragma unroll
   for (int r = 0; r < 4; ++r) {
+    #pragma unroll
     for (int off = 1; off <= 2; off <<= 1) {
       const float m2 = shfl_xor(st[r].m, off), s2 = shfl_xor(st[r].s, off);
       const float x2 = shfl_xor(st[r].sum_x, off), t2 = shfl_xor(xt[r], off);
@@ -270,6 +289,7 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
   bool live[4], in_range[4];
   int64_t target[4];
   float lse2[4], coef[4], at_target[4], uniform[4];
+  #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int64_t slot = tile0 + acc_row(r / 2, (r % 2) * 2);
     live[r] = slot < slot_end;
@@ -292,11 +312,15 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
   float colsum[4][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}, {0.0f, 0.0f}};
   SmemPtr<uint32_t> gt32 = smem_cast<uint32_t>(gt);
   const float c = p.softcap;
+  #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
+    #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
+      #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = mi * 2 + h;
         float d[2];
+        #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int i = 2 * h + e;
           const int64_t col = v_tile0 + acc_col(ni, i);
@@ -315,9 +339,12 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
         gt32[(acc_row(mi, 2 * h) * LDG + acc_col(ni, 0)) / 2] = pack2<T>(d[0], d[1]);
       }
   if (p.db) {  // the same for every thread
+    #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
+      #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float s = colsum[ni][e];
+        #pragma unroll
         for (int off = 4; off < 32; off <<= 1) s += shfl_xor(s, off);  // over groupID
         const int64_t col = v_tile0 + acc_col(ni, e);
         if (g == 0 && col < v_end) atomic_add(p.db + (col - p.v0), s);
@@ -328,6 +355,7 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
   // For every D chunk: dH[rows, chunk] += G @ W[tile, chunk]; dW[tile, chunk] += G^T @ H[rows, chunk].
   const bool do_h = p.dh != nullptr, do_w = p.dw != nullptr;
   const int64_t nk = (p.D + BK - 1) / BK;
+  #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) load_stage(o, s, H, p.stride_h, hid, vec_h, W, p.stride_w, wid, vec_w, p.D);
     cp_async_commit();
@@ -338,12 +366,14 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
     if (kb + STAGES - 1 < nk)
       load_stage(o, kb + STAGES - 1, H, p.stride_h, hid, vec_h, W, p.stride_w, wid, vec_w, p.D);
     cp_async_commit();
-    const SmemPtr<T> a = o.a[kb % STAGES], b = o.b[kb % STAGES];
+    const SmemPtr<T> a = o.a_stage(kb), b = o.b_stage(kb);
     if (do_h) {  // warp: rows 16 warp.., all BK columns of the chunk; K = BV
       float ah[4][4] = {};
+      #pragma unroll
       for (int kk = 0; kk < BV / 16; ++kk) {
         uint32_t af[4], bf[4][2];
         ldmatrix_x4(af, gt + (warp * 16 + lane % 16) * LDG + kk * 16 + (lane / 16) * 8);
+        #pragma unroll
         for (int nj = 0; nj < BK / 16; ++nj) {  // W chunk is [k = vocab][n = d]: transposed load
           uint32_t r4[4];
           ldmatrix_x4_trans(r4, b + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + nj * 16 + (lane / 16) * 8);
@@ -352,9 +382,12 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
           bf[2 * nj + 1][0] = r4[2];
           bf[2 * nj + 1][1] = r4[3];
         }
+        #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_m16n8k16<T>(ah[ni], af, bf[ni], ah[ni]);
       }
+      #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t slot = tile0 + warp * 16 + g + (i >= 2 ? 8 : 0);
           const int64_t d = kb * BK + ni * 8 + 2 * q + (i & 1);
@@ -363,10 +396,12 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
     }
     if (do_w) {  // warp: vocabulary rows 16 warp.., all BK columns; K = BN; A = G^T
       float aw[4][4] = {};
+      #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         uint32_t af[4], bf[4][2];
         const int j = lane / 8;  // matrix j: k rows (j / 2) * 8.., m columns (j % 2) * 8..
         ldmatrix_x4_trans(af, gt + (kk * 16 + (j / 2) * 8 + lane % 8) * LDG + warp * 16 + (j % 2) * 8);
+        #pragma unroll
         for (int nj = 0; nj < BK / 16; ++nj) {  // H chunk is [k = row][n = d]: transposed load
           uint32_t r4[4];
           ldmatrix_x4_trans(r4, a + (kk * 16 + lane % 8 + ((lane / 8) % 2) * 8) * LDS + nj * 16 + (lane / 16) * 8);
@@ -375,9 +410,12 @@ __global__ void __launch_bounds__(THREADS) linear_bwd_kernel(LinearParams p) {
           bf[2 * nj + 1][0] = r4[2];
           bf[2 * nj + 1][1] = r4[3];
         }
+        #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma_m16n8k16<T>(aw[ni], af, bf[ni], aw[ni]);
       }
+      #pragma unroll
       for (int ni = 0; ni < 4; ++ni)
+        #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int64_t vv = v_tile0 + warp * 16 + g + (i >= 2 ? 8 : 0);
           const int64_t d = kb * BK + ni * 8 + 2 * q + (i & 1);

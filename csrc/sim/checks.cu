@@ -157,6 +157,14 @@ __global__ void arena_overflow_kernel(const float*, float* out, int) {
   out[threadIdx.x] = 1.0f;
 }
 
+// Writes one element past the end of `out` (64 threads, 64 outputs): the guard band catches it.
+__global__ void oob_write_kernel(const float*, float* out, int) { out[threadIdx.x + 1] = 1.0f; }
+
+// Reads one element before the start of `src`: the guard band makes it NaN.
+__global__ void oob_read_kernel(const float* src, float* out, int) {
+  out[threadIdx.x] = src[int(threadIdx.x) - 1];
+}
+
 // Deterministic in any order: every output written by exactly one thread.
 __global__ void clean_kernel(const float* src, float* out, int) {
   SmemArena arena = smem_arena();
@@ -211,6 +219,10 @@ const std::map<std::string, Launcher>& registry() {
          launch(uninitialized_read_kernel, cfg("uninitialized_read", 32, 128), d, s, o, a); }},
       {"arena_overflow", [](const float* s, float* o, int a, const DeviceInfo& d) {
          launch(arena_overflow_kernel, cfg("arena_overflow", 32, 1024), d, s, o, a); }},
+      {"oob_write", [](const float* s, float* o, int a, const DeviceInfo& d) {
+         launch(oob_write_kernel, cfg("oob_write", 64, 0), d, s, o, a); }},
+      {"oob_read", [](const float* s, float* o, int a, const DeviceInfo& d) {
+         launch(oob_read_kernel, cfg("oob_read", 64, 0), d, s, o, a); }},
       {"clean", [](const float* s, float* o, int a, const DeviceInfo& d) {
          LaunchConfig c = cfg("clean", 64, 256);
          c.grid = dim3(unsigned(a), 1, 1);
