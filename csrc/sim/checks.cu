@@ -165,6 +165,19 @@ __global__ void oob_read_kernel(const float* src, float* out, int) {
   out[threadIdx.x] = src[int(threadIdx.x) - 1];
 }
 
+// Signed overflow for arg = 1 (UBSan stops the sanitizer build; only run there).
+__global__ void signed_overflow_kernel(const float*, float* out, int arg) {
+  int x = 2147483647 - int(threadIdx.x) * arg;
+  x += arg;
+  out[threadIdx.x] = float(x);
+}
+
+// Reads `arg` elements before the input, past its guard band (ASan stops the sanitizer build;
+// only run there).
+__global__ void heap_overflow_kernel(const float* src, float* out, int arg) {
+  out[threadIdx.x] = src[int(threadIdx.x) - arg];
+}
+
 // Deterministic in any order: every output written by exactly one thread.
 __global__ void clean_kernel(const float* src, float* out, int) {
   SmemArena arena = smem_arena();
@@ -223,6 +236,10 @@ const std::map<std::string, Launcher>& registry() {
          launch(oob_write_kernel, cfg("oob_write", 64, 0), d, s, o, a); }},
       {"oob_read", [](const float* s, float* o, int a, const DeviceInfo& d) {
          launch(oob_read_kernel, cfg("oob_read", 64, 0), d, s, o, a); }},
+      {"signed_overflow", [](const float* s, float* o, int a, const DeviceInfo& d) {
+         launch(signed_overflow_kernel, cfg("signed_overflow", 32, 0), d, s, o, a); }},
+      {"heap_overflow", [](const float* s, float* o, int a, const DeviceInfo& d) {
+         launch(heap_overflow_kernel, cfg("heap_overflow", 32, 0), d, s, o, a); }},
       {"clean", [](const float* s, float* o, int a, const DeviceInfo& d) {
          LaunchConfig c = cfg("clean", 64, 256);
          c.grid = dim3(unsigned(a), 1, 1);

@@ -331,9 +331,11 @@ void run_block(Worker& w, uint3 block_idx, uint64_t block_linear) {
   w.epoch = 0;
   std::fill(w.warp_epoch.begin(), w.warp_epoch.end(), 0u);
   // Uninitialized shared memory is NaN for every float type; the shadow says "never written".
-  std::memset(w.smem.data(), 0xFF, w.smem.size());
-  if (w.check_races) std::memset(static_cast<void*>(w.shadow.data()), 0xFF,
-                                 w.shadow.size() * sizeof(Shadow));
+  if (!w.smem.empty()) {  // (memset of a null pointer is undefined even for 0 bytes)
+    std::memset(w.smem.data(), 0xFF, w.smem.size());
+    if (w.check_races)
+      std::memset(static_cast<void*>(w.shadow.data()), 0xFF, w.shadow.size() * sizeof(Shadow));
+  }
   const uintptr_t self = reinterpret_cast<uintptr_t>(&w);
   for (int i = 0; i < w.nthreads; ++i) {
     Fiber& f = w.fibers[i];
@@ -589,7 +591,7 @@ void cp_async_wait(int pending_groups, Site site) {
       f.copies.erase(f.copies.begin());
       unsigned char* dst = w.smem.data() + c.dst;
       if (c.src_size > 0) std::memcpy(dst, c.src, size_t(c.src_size));
-      std::memset(dst + c.src_size, 0, size_t(c.size - c.src_size));  // src-size zero-fill
+      if (c.size > c.src_size) std::memset(dst + c.src_size, 0, size_t(c.size - c.src_size));  // zero-fill
       if (w.check_races)
         for (int i = 0; i < c.size; ++i) w.shadow[c.dst + i].pending = -1;
       access(w, me, c.dst, uint32_t(c.size), true, "cp_async_wait");

@@ -47,21 +47,32 @@ __global__ void mma_kernel(const uint32_t* a, const uint32_t* b, const float* c,
   for (int i = 0; i < 4; ++i) d[lane * 4 + i] = fd[i];
 }
 
+// One thread's copy of `bytes` (a run-time value: kernels are templated on the dtype only).
 template <int Bytes>
-__global__ void cp_async_kernel(const unsigned char* src, unsigned char* out, int src_bytes) {
+GF_DEVICE void copy_async(SmemPtr<unsigned char> dst, const unsigned char* src, int src_bytes) {
+  cp_async<Bytes>(dst, src, src_bytes);
+}
+
+GF_DEVICE void copy_async(int bytes, SmemPtr<unsigned char> dst, const unsigned char* src, int src_bytes) {
+  if (bytes == 4) copy_async<4>(dst, src, src_bytes);
+  if (bytes == 8) copy_async<8>(dst, src, src_bytes);
+  if (bytes == 16) copy_async<16>(dst, src, src_bytes);
+}
+
+__global__ void cp_async_kernel(const unsigned char* src, unsigned char* out, int bytes, int src_bytes) {
   SmemArena arena = smem_arena();
-  SmemPtr<unsigned char> buf = arena.take<unsigned char>(2 * 32 * Bytes);
+  SmemPtr<unsigned char> buf = arena.take<unsigned char>(size_t(2) * 32 * bytes);
   const int t = int(threadIdx.x);
-  cp_async<Bytes>(buf + t * Bytes, src + t * Bytes, src_bytes);
+  copy_async(bytes, buf + t * bytes, src + t * bytes, src_bytes);
   cp_async_commit();
-  cp_async<Bytes>(buf + (32 + t) * Bytes, src + (32 + t) * Bytes, src_bytes);
+  copy_async(bytes, buf + (32 + t) * bytes, src + (32 + t) * bytes, src_bytes);
   cp_async_commit();
   cp_async_wait<1>();  // the first group is complete, the second may not be
   sync_warp();
-  for (int i = 0; i < Bytes; ++i) out[t * Bytes + i] = buf[t * Bytes + i];
+  for (int i = 0; i < bytes; ++i) out[t * bytes + i] = buf[t * bytes + i];
   cp_async_wait<0>();
   sync_warp();
-  for (int i = 0; i < Bytes; ++i) out[(32 + t) * Bytes + i] = buf[(32 + t) * Bytes + i];
+  for (int i = 0; i < bytes; ++i) out[(32 + t) * bytes + i] = buf[(32 + t) * bytes + i];
 }
 
 __global__ void exp2_kernel(const float* x, float* y, int n) {
@@ -117,11 +128,9 @@ void run_mma(const uint32_t* a, const uint32_t* b, const float* c, float* d, boo
 }
 
 void run_cp_async(const unsigned char* src, unsigned char* out, int bytes, int src_bytes,
-              const DeviceInfo& dev, Stream s) {
-  const size_t smem = size_t(2) * 32 * bytes;
-  if (bytes == 4) launch(cp_async_kernel<4>, cfg("test_cp_async4", 1, 32, smem, s), dev, src, out, src_bytes);
-  if (bytes == 8) launch(cp_async_kernel<8>, cfg("test_cp_async8", 1, 32, smem, s), dev, src, out, src_bytes);
-  if (bytes == 16) launch(cp_async_kernel<16>, cfg("test_cp_async16", 1, 32, smem, s), dev, src, out, src_bytes);
+                  const DeviceInfo& dev, Stream s) {
+  launch(cp_async_kernel, cfg("test_cp_async", 1, 32, size_t(2) * 32 * bytes, s), dev, src, out,
+         bytes, src_bytes);
 }
 
 void run_exp2(const float* x, float* y, int n, const DeviceInfo& dev, Stream s) {
