@@ -20,6 +20,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+CUDA_FALLBACKS = ["/usr/local/cuda"]  # where toolkits live when nvcc is not on PATH
 
 
 def _note(msg):
@@ -33,7 +34,7 @@ def _cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates.append("/usr/local/cuda")
+    candidates += CUDA_FALLBACKS
     for c in candidates:
         if c and (Path(c) / "bin" / "nvcc").exists() and (Path(c) / "include" / "cuda_runtime.h").exists():
             return Path(c)

@@ -55,7 +55,7 @@ BENCHES = ("attention", "cross_entropy", "train", "generate")
 # results.json (stages.<name>.seconds).
 STAGES = [("env", 20, 10), ("install", 40, 15), ("build", 120, 60), ("pytest", 80, 30),
           ("train", 35, 15), ("bench-attention", 50, 20), ("bench-cross_entropy", 55, 20),
-          ("bench-train", 60, 25), ("bench-generate", 25, 10)]
+          ("bench-train", 55, 25), ("bench-generate", 25, 10)]
 # Rows a GPU run must have, per benchmark: (peer, required only when its wheel was brought).
 REQUIRED = {
     "attention": [("sdpa-flash", None), ("sdpa-cudnn", None)],
