@@ -733,6 +733,19 @@ void check_launch_config(std::vector<int64_t> grid, std::vector<int64_t> block, 
 
 }  // namespace
 
+// The implementations of the gptfast::cuda_* ops, whose schemas gptfast/ops/_library.py declares
+// (torch.library.define: one place for every backend). GPU build: CUDA tensors; CPU layer: CPU
+// tensors. Registering implementations before Python defines the schemas is fine: the dispatcher
+// checks each function's signature against its schema when both are known.
+TORCH_LIBRARY_IMPL(gptfast, GF_DISPATCH_KEY, m) {
+  m.impl("cuda_cross_entropy_fwd", &cross_entropy_fwd);
+  m.impl("cuda_cross_entropy_bwd", &cross_entropy_bwd);
+  m.impl("cuda_cross_entropy_bwd_", &cross_entropy_bwd_inplace);
+  m.impl("cuda_linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
+  m.impl("cuda_linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
+  m.impl("cuda_linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gptfast CUDA C++ kernels"
 #ifdef GPTFAST_SIM
