@@ -59,7 +59,8 @@ STAGES = [("env", 20, 10), ("install", 40, 15), ("build", 120, 60), ("pytest", 8
 # Rows a GPU run must have, per benchmark: (peer, required only when its wheel was brought).
 REQUIRED = {
     "attention": [("sdpa-flash", None), ("sdpa-cudnn", None)],
-    "cross_entropy": [("torch.compile", None), ("liger-fused-linear-ce", "liger_kernel"),
+    "cross_entropy": [("torch.compile", None), ("gptfast-cuda-lean", None),
+                      ("gptfast-cuda-logits", None), ("liger-fused-linear-ce", "liger_kernel"),
                       ("cut-cross-entropy", "cut_cross_entropy")],
     "train": [("gptfast compiled", None), ("sdpa-full-logits compiled", None)],
     "generate": [],
