@@ -66,6 +66,22 @@ gf::DeviceInfo cuda_device_info(int index) {
 }
 #endif
 
+// Calls per op since the module loaded (`launch_counts()`): proof, e.g. for gpu-check's training
+// probe, that a model's loss ran on these kernels.
+std::mutex g_count_mu;
+std::map<std::string, int64_t> g_counts;
+void count_call(const char* op) {
+  std::lock_guard<std::mutex> lock(g_count_mu);
+  ++g_counts[op];
+}
+
+py::dict launch_counts() {
+  std::lock_guard<std::mutex> lock(g_count_mu);
+  py::dict d;
+  for (const auto& kv : g_counts) d[kv.first.c_str()] = kv.second;
+  return d;
+}
+
 // Checks that `t` lives where this module's kernels run, then the device and stream to launch on.
 void check_device(const char* op, const char* arg, const Tensor& t) {
   TORCH_CHECK(t.device().type() == kDevice, op, ": ", arg, ": expected a ", kDeviceWord,
@@ -185,6 +201,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
                                              int64_t ignore_index, double label_smoothing,
                                              double z_loss, std::optional<double> softcap) {
   const char* op = "cuda_cross_entropy_fwd";
+  count_call(op);
   check_logits(op, logits);
   check_options(op, label_smoothing, z_loss, softcap);
   const int64_t n = logits.size(0);
@@ -241,6 +258,7 @@ Tensor cross_entropy_bwd(const std::optional<Tensor>& grad_rows,
                          const Tensor& targets, const Tensor& lse, int64_t ignore_index,
                          double label_smoothing, double z_loss, std::optional<double> softcap) {
   const char* op = "cuda_cross_entropy_bwd";
+  count_call(op);
   check_logits(op, logits);
   check_options(op, label_smoothing, z_loss, softcap);
   LaunchCtx ctx(logits);
@@ -260,6 +278,7 @@ void cross_entropy_bwd_inplace(const std::optional<Tensor>& grad_rows,
                                double label_smoothing, double z_loss,
                                std::optional<double> softcap) {
   const char* op = "cuda_cross_entropy_bwd_";
+  count_call(op);
   check_logits(op, logits);
   check_options(op, label_smoothing, z_loss, softcap);
   LaunchCtx ctx(logits);
@@ -359,6 +378,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_fwd(const Tensor& hidden, const 
                                                     int64_t ignore_index, double label_smoothing,
                                                     double z_loss, std::optional<double> softcap) {
   const char* op = "cuda_linear_cross_entropy_fwd";
+  count_call(op);
   check_options(op, label_smoothing, z_loss, softcap);
   Io io;
   LinearInputs in = linear_inputs(op, io, hidden, weight, targets, bias, ignore_index);
@@ -484,6 +504,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
     const std::optional<Tensor>& bias, const Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, std::optional<double> softcap) {
   const char* op = "cuda_linear_cross_entropy_bwd";
+  count_call(op);
   check_options(op, label_smoothing, z_loss, softcap);
   Io io;
   LinearInputs in = linear_inputs(op, io, hidden, weight, targets, bias, ignore_index);
@@ -529,6 +550,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_grad
     const std::optional<Tensor>& bias, int64_t ignore_index, double label_smoothing,
     double z_loss, std::optional<double> softcap, int64_t reduction, int64_t memory_budget) {
   const char* op = "cuda_linear_cross_entropy_fwd_grad";
+  count_call(op);
   // at::Reduction: 1 mean, 2 sum (0, none, has no single upstream gradient to compute for).
   TORCH_CHECK(reduction == 1 || reduction == 2, op,
               ": reduction: expected 1 (mean) or 2 (sum), got ", reduction);
@@ -761,6 +783,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
   m.def("_set_linear_scratch_bytes", &set_linear_scratch_bytes);
   m.def("kernel_launches", &kernel_launches);
+  m.def("launch_counts", &launch_counts);
   m.def("_test_shuffles", &test_shuffles);
   m.def("_test_ldmatrix", &test_ldmatrix);
   m.def("_test_mma", &test_mma);
