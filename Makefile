@@ -30,7 +30,7 @@ empty :=
 space := $(empty) $(empty)
 MARK_unit := not ($(subst $(space), or ,$(OTHER_MARKERS)))
 
-.PHONY: install test test-fast demo gpu-check bench clean build-cuda $(addprefix test-,$(SUITES))
+.PHONY: install test test-fast demo gpu-check bench bench-host clean build-cuda $(addprefix test-,$(SUITES))
 
 # Installing never waits on nvcc (GPTFAST_SKIP_CUDA_BUILD=1): `make build-cuda` builds csrc/.
 $(STAMP): setup.py pyproject.toml
@@ -77,6 +77,10 @@ demo: install
 
 bench: install
 	$(VPY) -m gptfast.cli bench attention --quick
+
+# Host cost per call against PyTorch's own ops (pytest-benchmark); writes benchmarks/results/host/.
+bench-host: install
+	$(VPY) -m pytest -q -s -p no:cacheprovider benchmarks/bench_host.py
 
 # One call on a GPU machine (PyTorch, Triton, nvcc preinstalled, no network): installs in place
 # without dependencies, builds csrc/, runs the GPU tests, a short training run, quick benchmarks.

@@ -134,7 +134,7 @@ setup(
     packages=["gptfast", "gptfast.ops", "gptfast.kernels"],
     package_dir={"gptfast": "gptfast", "gptfast.kernels": "kernels"},
     install_requires=["torch>=2.6", "numpy", "tqdm", "matplotlib"],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "pytest-benchmark"]},
     entry_points={"console_scripts": ["gptfast=gptfast.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

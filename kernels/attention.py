@@ -42,6 +42,12 @@ Backward
    query tile, walking the key tiles like the forward) writes dQ with plain stores. Neither
    kernel uses atomics, so the result is bitwise reproducible.
 
+Grids
+-----
+Every kernel runs on one grid axis: (tile, batch*head) pairs are folded onto axis 0 (up to
+2**31 - 1 programs) with the tile index fastest, and `_tile_and_head` decodes them. CUDA caps
+axes 1 and 2 at 65,535, which B*H alone passes at B = 4096, H = 16 (see kernels/_grid.py).
+
 Dropout
 -------
 Applied to the normalized probabilities; kept ones are scaled by 1/(1-p). The keep bit of
@@ -79,6 +85,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._grid import checked_grid
+from ._interpreter import ensure_bf16
+
 HEAD_DIMS_FWD = (32, 64, 96, 128, 256)
 # d=256 backward runs (and passes the interpreter tests) with the small blocks of the table;
 # it is not yet verified on hardware.
@@ -106,6 +115,16 @@ def _dropout_keep(seed, bh, rows, cols, Sq, Sk, dropout_p):
     The one RNG formula used by the forward, both backward kernels and the mask kernel."""
     counter = (bh.to(tl.int64) * Sq + rows.to(tl.int64)) * Sk + cols.to(tl.int64)
     return tl.rand(seed, counter) >= dropout_p
+
+
+@triton.jit
+def _tile_and_head(n_rows, BLOCK: tl.constexpr):
+    """(tile, batch*head) of this program in a grid of cdiv(n_rows, BLOCK) * B*H programs on
+    axis 0 (see `tiles_x_heads_grid`): the tile index runs fastest, so programs sharing one
+    head's K/V run together, as they did with (tiles, B*H) on two axes."""
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(n_rows, BLOCK)
+    return pid % n_tiles, pid // n_tiles
 
 
 @triton.jit
@@ -211,8 +230,7 @@ def _attn_fwd(Q, K, V, OUT, LSE, SLOPES, KPM, SEED,
               HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -286,8 +304,7 @@ def _attn_bwd_preprocess(OUT, DO, DLSE, DELTA,
                          HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) - dlse, fp32, stored (B*H, Sq) contiguous (as are DLSE/lse)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -389,8 +406,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One program per (key tile, batch*kv_head). LSE/DELTA are (B*H, Sq) contiguous fp32."""
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
+    pid_n, bhk = _tile_and_head(Sk, BLOCK_N)
     b = bhk // HKV
     hk = bhk % HKV
     offset = Sk - Sq
@@ -531,8 +547,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Deterministic dQ: one program per (query tile, batch*head), plain stores."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -591,9 +606,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
 @triton.jit
 def _dropout_mask_kernel(SEED, MASK, Sq, Sk, dropout_p,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    bh = tl.program_id(2)
+    # One grid axis (see dropout_mask_grid): key tile fastest, then query tile, then b*h.
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(Sk, BLOCK_N)
+    pid_n = pid % n_tiles
+    pid_m = (pid // n_tiles) % tl.cdiv(Sq, BLOCK_M)
+    bh = pid // (n_tiles * tl.cdiv(Sq, BLOCK_M))
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     seed = tl.load(SEED)
@@ -763,6 +781,23 @@ def _autotuned(kernel, kind: str, head_dim: int, dtype: torch.dtype, device: tor
 
 
 # ============================================================================================
+# Launch grids (pure functions: the tests check them at shapes too large to run here)
+# ============================================================================================
+
+
+def tiles_x_heads_grid(n_rows: int, block: int, n_heads: int) -> Tuple[int]:
+    """Grid of the forward, backward and preprocess kernels: cdiv(n_rows, block) row tiles
+    times n_heads (batch * heads) programs, folded onto axis 0 (decoded by `_tile_and_head`).
+    B * H alone can exceed the 65,535 that CUDA allows on axes 1 and 2."""
+    return checked_grid(triton.cdiv(n_rows, block) * n_heads)
+
+
+def dropout_mask_grid(Sq: int, Sk: int, block_m: int, block_n: int, n_heads: int) -> Tuple[int]:
+    """Grid of `_dropout_mask_kernel`: (query tiles, key tiles, batch * heads) on axis 0."""
+    return checked_grid(triton.cdiv(Sq, block_m) * triton.cdiv(Sk, block_n) * n_heads)
+
+
+# ============================================================================================
 # Launchers
 # ============================================================================================
 
@@ -840,6 +875,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_
     rows that see no key, whose out is 0). See the module docstring for the semantics."""
     LAUNCHES["attention_fwd"] += 1
     ex = _check(q, k, v, causal, alibi_slopes, window, key_padding_mask, dropout_p, seed)
+    ensure_bf16(q)
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     out = _alloc((B, Hq, Sq, d), q.dtype, q.device)
@@ -860,10 +896,10 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_
                  DOT_PRECISION=_dot_precision(q.dtype))
     if _autotune_enabled(q.device):
         kernel = _autotuned(_attn_fwd, "fwd", d, q.dtype, q.device)
-        kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](*args, **flags)
+        kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*args, **flags)
     else:
         cfg = get_config("fwd", d, q.dtype, q.device)
-        _attn_fwd[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
+        _attn_fwd[tiles_x_heads_grid(Sq, cfg.BLOCK_M, B * Hq)](
             *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
@@ -881,6 +917,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     dQ kernel), bitwise reproducible. Default: dQ accumulated with fp32 atomics."""
     LAUNCHES["attention_bwd"] += 1
     ex = _check(q, k, v, causal, alibi_slopes, window, key_padding_mask, dropout_p, seed)
+    ensure_bf16(q, do, out)
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     assert d in HEAD_DIMS_BWD, f"head dim {d} not supported in backward ({HEAD_DIMS_BWD})"
@@ -901,7 +938,7 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else lse
     BLOCK_D = _block_d(d)
     pre_m = 32 if _interpreting() or q.device.type != "cuda" else PREPROCESS_BLOCK_M
-    _attn_bwd_preprocess[(triton.cdiv(Sq, pre_m), B * Hq)](
+    _attn_bwd_preprocess[tiles_x_heads_grid(Sq, pre_m, B * Hq)](
         out, do, dlse_t, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), do.stride(3),
@@ -933,11 +970,11 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     if autotune:
         kernel = _autotuned(_attn_bwd_dkdv, "bwd_kv", d, q.dtype, q.device,
                             reset_to_zero=None if deterministic else ["DQ"])
-        kernel[lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * Hkv)](
+        kernel[lambda meta: tiles_x_heads_grid(Sk, meta["BLOCK_N"], B * Hkv)](
             *kv_args, **flags, ATOMIC_DQ=not deterministic)
     else:
         cfg = get_config("bwd_kv", d, q.dtype, q.device)
-        _attn_bwd_dkdv[(triton.cdiv(Sk, cfg.BLOCK_N), B * Hkv)](
+        _attn_bwd_dkdv[tiles_x_heads_grid(Sk, cfg.BLOCK_N, B * Hkv)](
             *kv_args, **flags, ATOMIC_DQ=not deterministic, BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -954,10 +991,10 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
               Hq, Hq // Hkv, *tail)
     if autotune:
         kernel = _autotuned(_attn_bwd_dq, "bwd_q", d, q.dtype, q.device)
-        kernel[lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](*q_args, **flags)
+        kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*q_args, **flags)
     else:
         cfg = get_config("bwd_q", d, q.dtype, q.device)
-        _attn_bwd_dq[(triton.cdiv(Sq, cfg.BLOCK_M), B * Hq)](
+        _attn_bwd_dq[tiles_x_heads_grid(Sq, cfg.BLOCK_M, B * Hq)](
             *q_args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
@@ -973,6 +1010,6 @@ def attention_dropout_keep_mask(seed: Tensor, B: int, H: int, Sq: int, Sk: int,
     if mask.numel() == 0:
         return mask.view(torch.bool)
     BM, BN = 32, 32
-    _dropout_mask_kernel[(triton.cdiv(Sq, BM), triton.cdiv(Sk, BN), B * H)](
+    _dropout_mask_kernel[dropout_mask_grid(Sq, Sk, BM, BN, B * H)](
         seed, mask, Sq, Sk, float(dropout_p), BLOCK_M=BM, BLOCK_N=BN)
     return mask.view(torch.bool)

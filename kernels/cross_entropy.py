@@ -25,10 +25,11 @@ lean (memory_budget None or <= LEAN_MAX_BUDGET = 64 MiB; the default)
               FLOPs 2NDV. Bytes: H and W re-read from L2/HBM per tile ~ b(V D N/BLOCK_N +
               N D V/BLOCK_V); extra memory 16 * N * splits bytes. The vocab split exists only
               to fill the GPU when N/BLOCK_N is small.
-    backward: one kernel, grid (row tiles, vocab tiles). Each program recomputes its logit
-              tile (2NDV total), forms the fp32 gradient tile G in registers, casts it to the
-              input dtype for the tensor cores (fp32 accumulation), and for each D chunk adds
-              G @ W[vtile] into dH and G^T @ H[rows] into dW with fp32 atomics (4NDV).
+    backward: one kernel, grid (row tiles x vocab tiles, folded onto one axis). Each program
+              recomputes its logit tile (2NDV total), forms the fp32 gradient tile G in
+              registers, casts it to the input dtype for the tensor cores (fp32 accumulation),
+              and for each D chunk adds G @ W[vtile] into dH and G^T @ H[rows] into dW with
+              fp32 atomics (4NDV).
               FLOPs 6NDV backward, 8NDV forward + backward. Extra memory: fp32 accumulators
               for dH and dW (4(N+V)D bytes) when the inputs are 16-bit (fp32 inputs accumulate
               straight into the outputs). Atomic traffic 4 N V D (1/BLOCK_N + 1/BLOCK_V) bytes
@@ -76,6 +77,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._grid import checked_grid
+from ._interpreter import ensure_bf16
 
 __all__ = [
     "cross_entropy_forward",
@@ -318,7 +322,7 @@ def _ce_forward(logits, targets, loss, lse, ignore_index, label_smoothing, z_los
         return
     cfg = _config("row", logits.dtype, logits.device)
     block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
-    _ce_fwd_kernel[(n,)](
+    _ce_fwd_kernel[checked_grid(n)](
         logits, targets, loss, lse,
         v, logits.stride(0), ignore_index, float(label_smoothing), float(z_loss),
         float(softcap) if softcap is not None else 1.0,
@@ -335,7 +339,7 @@ def _ce_backward(grad_rows, grad_lse, logits, targets, lse, out, ignore_index,
     cfg = _config("row", logits.dtype, logits.device)
     block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
     has_glse = grad_lse is not None
-    _ce_bwd_kernel[(n,)](
+    _ce_bwd_kernel[checked_grid(n)](
         logits, targets, lse, grad_rows, grad_lse if has_glse else lse, out,
         v, logits.stride(0), out.stride(0), grad_rows.stride(0),
         grad_lse.stride(0) if has_glse else 0,
@@ -363,6 +367,21 @@ def _rows_vector(t, n, name):
     return t
 
 
+def _upstream(grad_rows, grad_lse, n, device):
+    """(grad_rows, grad_lse) as (N,) vectors, or None when neither carries a gradient.
+
+    grad_rows None (only the returned lse is used in the loss) becomes a stride-0 zero vector,
+    so the kernels need no variant for it; grad_lse None switches their lse term off."""
+    if grad_rows is None and grad_lse is None:
+        return None
+    if grad_rows is None:
+        grad_rows = torch.zeros((), dtype=torch.float32, device=device)
+    grad_rows = _rows_vector(grad_rows, n, "grad_rows")
+    if grad_lse is not None:
+        grad_lse = _rows_vector(grad_lse, n, "grad_lse")
+    return grad_rows, grad_lse
+
+
 def cross_entropy_forward(logits, targets, *, ignore_index, label_smoothing, z_loss, softcap):
     """loss_rows (N,) fp32 and lse (N,) fp32 from logits (N, V) of any float dtype.
 
@@ -370,6 +389,7 @@ def cross_entropy_forward(logits, targets, *, ignore_index, label_smoothing, z_l
     log-sum-exp pass per row."""
     LAUNCHES["ce_fwd"] += 1
     _check_logits(logits, targets)
+    ensure_bf16(logits)
     targets = targets.contiguous()  # kernels index targets / lse with unit stride
     _check_options(label_smoothing, z_loss, softcap)
     n = logits.shape[0]
@@ -381,17 +401,21 @@ def cross_entropy_forward(logits, targets, *, ignore_index, label_smoothing, z_l
 
 def cross_entropy_backward(grad_rows, grad_lse, logits, targets, lse, *, ignore_index,
                            label_smoothing, z_loss, softcap, inplace=False):
-    """dlogits (N, V) in logits' dtype. inplace=True overwrites and returns `logits`."""
+    """dlogits (N, V) in logits' dtype. inplace=True overwrites and returns `logits`.
+
+    grad_rows: (N,) upstream gradient of loss_rows (stride 0 allowed), or None when only the
+    lse gets a gradient; grad_lse: (N,) or None."""
     LAUNCHES["ce_bwd"] += 1
     _check_logits(logits, targets)
+    ensure_bf16(logits, grad_rows, grad_lse)
     targets, lse = targets.contiguous(), lse.contiguous()
     _check_options(label_smoothing, z_loss, softcap)
     n = logits.shape[0]
-    grad_rows = _rows_vector(grad_rows, n, "grad_rows")
-    if grad_lse is not None:
-        grad_lse = _rows_vector(grad_lse, n, "grad_lse")
     out = logits if inplace else _new(logits.shape, logits.dtype, logits.device)
-    _ce_backward(grad_rows, grad_lse, logits, targets, lse, out, ignore_index,
+    grads = _upstream(grad_rows, grad_lse, n, logits.device)
+    if grads is None:
+        return out.zero_()
+    _ce_backward(*grads, logits, targets, lse, out, ignore_index,
                  label_smoothing, z_loss, softcap)
     return out
 
@@ -529,14 +553,17 @@ def _lce_combine_kernel(
 def _lce_bwd_kernel(
     H, W, BIAS, TARGETS, ROW_ORDER, N_VALID, LSE, GRAD_ROWS, GRAD_LSE,
     DH, DW, DB,  # fp32 accumulators, zero-initialised, contiguous
-    V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_g, stride_gl,
+    N, V, D, stride_hn, stride_hd, stride_wv, stride_wd, stride_g, stride_gl,
     stride_dhn, stride_dwv, label_smoothing, z_loss, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GLSE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # One grid axis (see lean_backward_grid): row tile fastest, then vocabulary tile.
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(N, BLOCK_N)
+    pid_n = pid % row_tiles
+    pid_v = pid // row_tiles
     alive, rows, row_mask, target = _tile_rows(ROW_ORDER, N_VALID, TARGETS, pid_n, BLOCK_N)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(GRAD_ROWS + rows * stride_g, mask=row_mask, other=0.0).to(tl.float32)
@@ -597,6 +624,27 @@ def _check_linear(hidden, weight, targets, bias):
         raise ValueError(f"bias must be (V,), got {tuple(bias.shape)}")
 
 
+def lean_forward_grid(n, v, block_n, block_v, num_sms):
+    """((row tiles, vocab splits), vocab tiles per split) of the lean forward.
+
+    The vocabulary is split only as much as needed to give every SM ~2 programs, so axis 1
+    holds at most 2 * num_sms splits (far under CUDA's 65,535), and every split gets at least
+    one tile (no split is empty, so its running max becomes finite)."""
+    row_tiles = triton.cdiv(n, block_n)
+    vocab_tiles = triton.cdiv(v, block_v)
+    want = max(1, min(vocab_tiles, triton.cdiv(2 * num_sms, row_tiles)))
+    tiles_per_split = triton.cdiv(vocab_tiles, want)
+    n_splits = triton.cdiv(vocab_tiles, tiles_per_split)
+    return checked_grid(row_tiles, n_splits), tiles_per_split
+
+
+def lean_backward_grid(n, v, block_n, block_v):
+    """Grid of the lean backward: (row tiles x vocab tiles) folded onto axis 0, row tile
+    fastest (programs sharing a weight tile run together); vocabulary tiles alone pass
+    65,535 from V ~ 4.2M at BLOCK_V = 64, so they cannot ride on axis 1."""
+    return checked_grid(triton.cdiv(n, block_n) * triton.cdiv(v, block_v))
+
+
 def _lean_forward(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap):
     n, d = hidden.shape
     v = weight.shape[0]
@@ -609,16 +657,11 @@ def _lean_forward(hidden, weight, targets, bias, ignore_index, label_smoothing, 
     block_n, block_v, block_d = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_V"), cfg.pop("BLOCK_D")
     order, n_valid = _valid_row_order(targets, ignore_index)
 
-    # Split the vocabulary only as much as needed to give every SM ~2 programs; every split
-    # gets at least one tile (so no split is empty and its running max becomes finite).
-    row_tiles = triton.cdiv(n, block_n)
-    vocab_tiles = triton.cdiv(v, block_v)
-    want = max(1, min(vocab_tiles, triton.cdiv(2 * _num_sms(device), row_tiles)))
-    tiles_per_split = triton.cdiv(vocab_tiles, want)
-    n_splits = triton.cdiv(vocab_tiles, tiles_per_split)
+    grid, tiles_per_split = lean_forward_grid(n, v, block_n, block_v, _num_sms(device))
+    n_splits = grid[1]
 
     parts = torch.empty((4, n_splits, n), dtype=torch.float32, device=device)
-    _lce_fwd_kernel[(row_tiles, n_splits)](
+    _lce_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else weight, targets, order, n_valid,
         parts[0], parts[1], parts[2], parts[3],
         n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
@@ -629,7 +672,7 @@ def _lean_forward(hidden, weight, targets, bias, ignore_index, label_smoothing, 
         DOT_PRECISION=_dot_precision(hidden.dtype), **cfg,
     )
     combine_block = 128
-    _lce_combine_kernel[(triton.cdiv(n, combine_block),)](
+    _lce_combine_kernel[checked_grid(triton.cdiv(n, combine_block))](
         parts[0], parts[1], parts[2], parts[3], targets, loss, lse,
         n, v, n_splits, ignore_index, float(label_smoothing), float(z_loss),
         HAS_SMOOTHING=label_smoothing > 0, BLOCK=combine_block,
@@ -641,35 +684,35 @@ def linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight, targets, 
                                   ignore_index, label_smoothing, z_loss, softcap):
     """Lean backward: (dhidden, dweight, dbias or None), recomputing the logits tile by tile.
 
-    grad_rows: (N,) upstream gradient of loss_rows (stride 0 allowed); grad_lse: (N,) or None.
+    grad_rows: (N,) upstream gradient of loss_rows (stride 0 allowed), or None when only the
+    lse gets a gradient; grad_lse: (N,) or None.
     """
     LAUNCHES["lce_bwd"] += 1
     _check_linear(hidden, weight, targets, bias)
+    ensure_bf16(hidden, grad_rows, grad_lse)
     targets, lse = targets.contiguous(), lse.contiguous()
     bias = bias.contiguous() if bias is not None else None
     _check_options(label_smoothing, z_loss, softcap)
     n, d = hidden.shape
     v = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
-    grad_rows = _rows_vector(grad_rows, n, "grad_rows")
-    if grad_lse is not None:
-        grad_lse = _rows_vector(grad_lse, n, "grad_lse")
+    grads = _upstream(grad_rows, grad_lse, n, device)  # None: zero gradients, no launch
 
     # Atomic accumulation needs zeroed fp32 buffers; for fp32 inputs they are the outputs.
     dh = torch.zeros((n, d), dtype=torch.float32, device=device)
     dw = torch.zeros((v, d), dtype=torch.float32, device=device)
     db = torch.zeros((v,), dtype=torch.float32, device=device) if bias is not None else None
-    if n > 0:
+    if n > 0 and grads is not None:
+        grad_rows, grad_lse = grads
         cfg = _config("lce_bwd", dtype, device)
         block_n, block_v, block_d = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_V"), cfg.pop("BLOCK_D")
         order, n_valid = _valid_row_order(targets, ignore_index)
         has_glse = grad_lse is not None
-        grid = (triton.cdiv(n, block_n), triton.cdiv(v, block_v))
-        _lce_bwd_kernel[grid](
+        _lce_bwd_kernel[lean_backward_grid(n, v, block_n, block_v)](
             hidden, weight, bias if bias is not None else weight, targets, order, n_valid, lse,
             grad_rows, grad_lse if has_glse else grad_rows,
             dh, dw, db if db is not None else dw,
-            v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
             grad_rows.stride(0), grad_lse.stride(0) if has_glse else 0,
             dh.stride(0), dw.stride(0), float(label_smoothing), float(z_loss),
             float(softcap) if softcap is not None else 1.0,
@@ -738,8 +781,7 @@ def _matmul(a, b, c, bias=None, accumulate=False):
         return c
     cfg = _config("gemm", a.dtype, a.device)
     bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _matmul_kernel[grid](
+    _matmul_kernel[checked_grid(triton.cdiv(m, bm) * triton.cdiv(n, bn))](
         a, b, c, bias if bias is not None else c, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         ACCUMULATE=accumulate, HAS_BIAS=bias is not None,
@@ -802,6 +844,7 @@ def linear_cross_entropy_forward(hidden, weight, targets, bias, *, ignore_index,
     dbias or None) for a uniform upstream gradient (1 for "sum", 1/n_valid for "mean")."""
     LAUNCHES["lce_fwd"] += 1
     _check_linear(hidden, weight, targets, bias)
+    ensure_bf16(hidden)
     targets = targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     _check_options(label_smoothing, z_loss, softcap)

@@ -1,4 +1,8 @@
-"""float64 oracle for the cross-entropy kernels (plain torch autograd, explicit math)."""
+"""float64 oracle for the cross-entropy kernels (plain torch autograd, explicit math).
+
+With `dtype=` other than float64 the same math runs in that dtype end to end (logits, softmax
+statistics, loss, autograd): PyTorch's own same-dtype eager computation, the yardstick of the
+tolerance rule (tests/_tolerance.py)."""
 import torch
 
 
@@ -18,36 +22,42 @@ def ce_rows_reference(x, targets, *, ignore_index, label_smoothing, z_loss, soft
     return torch.where(valid, loss, zero), torch.where(valid, lse, zero)
 
 
-def ce_reference(logits, targets, grad_rows=None, grad_lse=None, **opts):
-    """loss_rows, lse, dlogits (float64) for logits of any dtype."""
-    x = logits.detach().to(torch.float64).requires_grad_(True)
-    loss, lse = ce_rows_reference(x, targets, **opts)
-    if grad_rows is None:
-        grad_rows = torch.ones_like(loss)
-    total = (loss * grad_rows.to(torch.float64)).sum()
+def _total(loss, lse, grad_rows, grad_lse, dtype):
+    """sum(loss * grad_rows) + sum(lse * grad_lse); grad_rows "zero": only the lse term."""
+    if isinstance(grad_rows, str):
+        assert grad_rows == "zero" and grad_lse is not None
+        total = 0.0
+    else:
+        total = (loss * (torch.ones_like(loss) if grad_rows is None
+                         else grad_rows.to(loss.device, dtype))).sum()
     if grad_lse is not None:
-        total = total + (lse * grad_lse.to(torch.float64)).sum()
+        total = total + (lse * grad_lse.to(lse.device, dtype)).sum()
+    return total
+
+
+def ce_reference(logits, targets, grad_rows=None, grad_lse=None, dtype=torch.float64, **opts):
+    """loss_rows, lse, dlogits (in `dtype`) for logits of any dtype. grad_rows None: ones;
+    "zero": no loss gradient (only grad_lse)."""
+    x = logits.detach().to(dtype).requires_grad_(True)
+    loss, lse = ce_rows_reference(x, targets, **opts)
+    total = _total(loss, lse, grad_rows, grad_lse, dtype)
     (dx,) = torch.autograd.grad(total, [x])
     return loss.detach(), lse.detach(), dx
 
 
 def linear_ce_reference(hidden, weight, targets, bias=None, grad_rows=None, grad_lse=None,
-                        **opts):
-    """loss_rows, lse, dhidden, dweight, dbias (float64); logits x = h @ W.T + b explicitly."""
-    h = hidden.detach().to(torch.float64).requires_grad_(True)
-    w = weight.detach().to(torch.float64).requires_grad_(True)
+                        dtype=torch.float64, **opts):
+    """loss_rows, lse, dhidden, dweight, dbias (in `dtype`); logits x = h @ W.T + b explicitly."""
+    h = hidden.detach().to(dtype).requires_grad_(True)
+    w = weight.detach().to(dtype).requires_grad_(True)
     leaves = [h, w]
     x = h @ w.T
     if bias is not None:
-        b = bias.detach().to(torch.float64).requires_grad_(True)
+        b = bias.detach().to(dtype).requires_grad_(True)
         leaves.append(b)
         x = x + b
     loss, lse = ce_rows_reference(x, targets, **opts)
-    if grad_rows is None:
-        grad_rows = torch.ones_like(loss)
-    total = (loss * grad_rows.to(torch.float64)).sum()
-    if grad_lse is not None:
-        total = total + (lse * grad_lse.to(torch.float64)).sum()
+    total = _total(loss, lse, grad_rows, grad_lse, dtype)
     grads = torch.autograd.grad(total, leaves)
     db = grads[2] if bias is not None else None
     return loss.detach(), lse.detach(), grads[0], grads[1], db

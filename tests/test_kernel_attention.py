@@ -5,9 +5,9 @@ be <= 2x (outputs, lse) or 3x (gradients) the max error of PyTorch's own same-dt
 attention against that reference, plus a tiny atol. NaN never passes. Outputs are poisoned
 with NaN before every launch, so an element a kernel forgets to write fails.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 (fp32 and fp16 only: the interpreter's
-tl.dot is wrong for bf16) on small shapes; the GPU-marked tests cover bf16, every head dim
-and long sequences.
+Without a GPU the kernels run under TRITON_INTERPRET=1 on small shapes, in fp32, fp16 and bf16
+(bf16 through gptfast's fix of the interpreter, kernels/_interpreter.py: every option runs in
+bf16 at least once); the GPU-marked tests cover every head dim and long sequences.
 """
 import os
 
@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 from gptfast.kernels import attention as A  # noqa: E402
 
 from _attention_ref import attention_ref  # noqa: E402
+from _tolerance import assert_rule as _assert_rule  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_GPU else "cpu"
@@ -40,24 +41,6 @@ def _poison_outputs(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _assert_rule(name, got, ref, eager, mult, atol):
-    """max|got - ref| <= mult * max|eager - ref| + atol, NaN never passes."""
-    assert got.shape == ref.shape, (name, got.shape, ref.shape)
-    assert not torch.isnan(got).any(), f"{name}: NaN in kernel result"
-    got, ref, eager = got.double(), ref.double(), eager.double()
-    # -inf entries (lse of rows without visible key) must coincide exactly.
-    inf = torch.isinf(ref)
-    if inf.any():
-        assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], ref[inf]), f"{name}: inf mismatch"
-        got, ref, eager = got[~inf], ref[~inf], eager[~inf]
-    if ref.numel() == 0:
-        return
-    err = (got - ref).abs().max().item()
-    eager_err = (eager - ref).abs().max().item()
-    bound = mult * eager_err + atol
-    assert err <= bound, f"{name}: max err {err:.3e} > {bound:.3e} (eager err {eager_err:.3e})"
 
 
 def _padding_mask(B, Sk, kind, device):
@@ -145,13 +128,16 @@ def run_case(*, B=1, Hq=2, Hkv=None, Sq=64, Sk=64, d=32, dtype=torch.float32, ca
 
 
 # --------------------------------------------------------------------------------------------
-# CPU (interpreter) and GPU: fp32 / fp16
+# CPU (interpreter) and GPU: fp32 / fp16 / bf16
 # --------------------------------------------------------------------------------------------
+
+BF16 = pytest.param(torch.bfloat16, id="bf16")
+ALL_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 
 SHAPES = [(113, 203), (128, 217), (1, 239), (200, 67), (64, 64)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"{a}x{b}" for a, b in SHAPES])
 def test_shapes(shape, causal, dtype):
@@ -163,23 +149,26 @@ def test_shapes(shape, causal, dtype):
 
 
 @pytest.mark.parametrize("d,dtype", [(96, torch.float32), (96, torch.float16),
-                                     (128, torch.float32), (128, torch.float16),
-                                     (256, torch.float16)])
+                                     (96, torch.bfloat16), (128, torch.float32),
+                                     (128, torch.float16), (128, torch.bfloat16),
+                                     (256, torch.float16), (256, torch.bfloat16)])
 def test_head_dims(d, dtype):
     # 256: forward and backward (backward with the small d=256 blocks).
     run_case(Hq=1, Sq=70, Sk=90, d=d, dtype=dtype, causal=True)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("hkv", [2, 1], ids=["gqa4:2", "mqa4:1"])
 def test_gqa(hkv, dtype):
     run_case(B=2, Hq=4, Hkv=hkv, Sq=97, Sk=130, d=32, dtype=dtype, causal=True)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("padding", ["right", "left", "empty"])
-def test_key_padding(padding, causal):
-    out, lse, grads = run_case(B=3, Hq=2, Sq=90, Sk=120, d=32, causal=causal, padding=padding)
+def test_key_padding(padding, causal, dtype):
+    out, lse, grads = run_case(B=3, Hq=2, Sq=90, Sk=120, d=32, causal=causal, padding=padding,
+                               dtype=dtype)
     if padding == "empty":  # batch row 0 sees no key at all: zeros, -inf, zero grads
         assert torch.equal(out[0], torch.zeros_like(out[0]))
         assert torch.isinf(lse[0]).all() and (lse[0] < 0).all()
@@ -187,50 +176,62 @@ def test_key_padding(padding, causal):
         assert torch.equal(grads[1][0], torch.zeros_like(grads[1][0]))
 
 
-def test_padding_fp16_gqa():
-    run_case(B=2, Hq=4, Hkv=2, Sq=64, Sk=100, d=64, dtype=torch.float16, causal=True, padding="left")
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+def test_padding_16bit_gqa(dtype):
+    run_case(B=2, Hq=4, Hkv=2, Sq=64, Sk=100, d=64, dtype=dtype, causal=True, padding="left")
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_alibi(causal):
-    run_case(Hq=3, Sq=100, Sk=150, d=32, causal=causal, alibi=True)
+def test_alibi(causal, dtype):
+    run_case(Hq=3, Sq=100, Sk=150, d=32, causal=causal, alibi=True, dtype=dtype)
 
 
-@pytest.mark.parametrize("window,shape", [(1, (64, 64)), (17, (113, 203)), (40, (200, 67)),
-                                          (64, (128, 217))])
-def test_window(window, shape):
-    run_case(Hq=2, Sq=shape[0], Sk=shape[1], d=32, causal=True, window=window)
+@pytest.mark.parametrize("window,shape,dtype", [(1, (64, 64), torch.float32),
+                                                (17, (113, 203), torch.float32),
+                                                (40, (200, 67), torch.float32),
+                                                (64, (128, 217), torch.float32),
+                                                (17, (113, 203), torch.bfloat16),
+                                                (40, (200, 67), torch.bfloat16)])
+def test_window(window, shape, dtype):
+    run_case(Hq=2, Sq=shape[0], Sk=shape[1], d=32, causal=True, window=window, dtype=dtype)
 
 
-def test_window_alibi_padding_gqa_fp16():
-    run_case(B=2, Hq=4, Hkv=2, Sq=96, Sk=96, d=64, dtype=torch.float16, causal=True, window=33,
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float16, id="fp16"), BF16])
+def test_window_alibi_padding_gqa_16bit(dtype):
+    run_case(B=2, Hq=4, Hkv=2, Sq=96, Sk=96, d=64, dtype=dtype, causal=True, window=33,
              alibi=True, padding="right")
 
 
-def test_causal_more_queries_than_keys_dead_rows():
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
+def test_causal_more_queries_than_keys_dead_rows(dtype):
     # Sq > Sk with bottom-right alignment: the first Sq - Sk queries see nothing.
-    out, lse, grads = run_case(Hq=2, Sq=80, Sk=30, d=32, causal=True)
+    out, lse, grads = run_case(Hq=2, Sq=80, Sk=30, d=32, causal=True, dtype=dtype)
     assert torch.equal(out[:, :, :50], torch.zeros_like(out[:, :, :50]))
     assert torch.isinf(lse[:, :, :50]).all()
     assert torch.equal(grads[0][:, :, :50], torch.zeros_like(grads[0][:, :, :50]))
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_dlse(causal):
-    run_case(Hq=2, Sq=77, Sk=120, d=32, causal=causal, dlse=True, padding="empty", B=2)
+def test_dlse(causal, dtype):
+    run_case(Hq=2, Sq=77, Sk=120, d=32, causal=causal, dlse=True, padding="empty", B=2,
+             dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_fused_qkv_strides(dtype):
     run_case(B=2, Hq=4, Hkv=2, Sq=75, Sk=75, d=32, dtype=dtype, causal=True, fused_qkv=True)
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_stride0_grad_output(deterministic):
-    run_case(Hq=2, Sq=60, Sk=90, d=32, causal=True, do_kind="ones", deterministic=deterministic)
+def test_stride0_grad_output(deterministic, dtype):
+    run_case(Hq=2, Sq=60, Sk=90, d=32, causal=True, do_kind="ones", deterministic=deterministic,
+             dtype=dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_deterministic(dtype):
     kw = dict(B=1, Hq=4, Hkv=2, Sq=81, Sk=100, d=32, dtype=dtype, causal=True, padding="left",
               deterministic=True)
@@ -240,8 +241,10 @@ def test_deterministic(dtype):
         assert torch.equal(a, b)
 
 
-def test_deterministic_window_alibi():
-    run_case(Hq=2, Sq=100, Sk=100, d=32, causal=True, window=30, alibi=True, deterministic=True)
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
+def test_deterministic_window_alibi(dtype):
+    run_case(Hq=2, Sq=100, Sk=100, d=32, causal=True, window=30, alibi=True, deterministic=True,
+             dtype=dtype)
 
 
 def test_dropout_mask_statistics():
@@ -262,15 +265,16 @@ def test_dropout_mask_statistics():
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_dropout_matches_reference(dtype, deterministic):
     run_case(B=1, Hq=2, Hkv=1, Sq=70, Sk=90, d=32, dtype=dtype, causal=True, dropout_p=0.25,
              deterministic=deterministic)
 
 
-def test_dropout_window_alibi_padding():
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
+def test_dropout_window_alibi_padding(dtype):
     run_case(B=2, Hq=1, Sq=50, Sk=70, d=32, causal=True, window=40, alibi=True,
-             padding="right", dropout_p=0.4, dlse=True)
+             padding="right", dropout_p=0.4, dlse=True, dtype=dtype)
 
 
 def test_dropout_changes_output_and_is_reproducible():
@@ -313,7 +317,7 @@ def test_committed_configs_are_kept(cap):
 
 
 # --------------------------------------------------------------------------------------------
-# GPU only: bf16, all head dims, long sequences
+# GPU only: all head dims, long sequences (bf16 and fp16)
 # --------------------------------------------------------------------------------------------
 
 GPU_DTYPES = [torch.bfloat16, torch.float16]

@@ -1,4 +1,5 @@
 """The torch boundary: public functional ops, backend choice, and the references."""
+from . import _triton  # noqa: F401 - registers the Triton kernels under the gptfast::triton_* ops
 from .attention import attention
 from .backends import BackendError, explain, report
 from .cross_entropy import cross_entropy, linear_cross_entropy

@@ -43,6 +43,15 @@ def check_same_dtype(**tensors: Optional[Tensor]) -> None:
                 f"torch.autocast the dtypes must match (inside autocast they are cast)")
 
 
+# One call telling whether any autocast context is on (much cheaper than asking per device).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_on() -> bool:
+    """Whether some autocast context is active (then `follow_autocast` may cast)."""
+    return True if _any_autocast is None else _any_autocast()
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The dtype autocast would give a matmul on this device, or None outside autocast."""
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):

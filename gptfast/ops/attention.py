@@ -1,139 +1,126 @@
 """`gptfast.attention`: fused scaled-dot-product attention with a causal mask.
 
 Layers, thinnest on top:
-  attention()                  public function: checks, autocast, backend choice
-  gptfast::attention_fwd/_bwd  custom ops (register_fake + register_autograd), so that
-                               torch.compile(fullgraph=True) traces through the kernels and
-                               torch.library.opcheck can test them, also on CPU under the
-                               Triton interpreter
-  kernels/attention.py         the Triton kernels (csrc/ for CUDA C++)
+  attention()                      public function: checks, autocast, backend choice
+  _Attention (autograd.Function)   saves what backward needs, calls the backend's ops
+  gptfast::<backend>_attention_fwd/_bwd
+                                   the ops (schemas and fakes in `_library.py`), so
+                                   torch.compile(fullgraph=True) traces through the kernels and
+                                   torch.library.opcheck tests them, also on CPU under the
+                                   Triton interpreter
+  kernels/attention.py             the Triton kernels (csrc/ for CUDA C++)
 The "torch" backend is the reference (`reference.attention`), plain differentiable PyTorch.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import (FLOAT_DTYPES, check_range, check_same_device, check_same_dtype,
-                      check_tensor, follow_autocast)
+from ._checks import (FLOAT_DTYPES, autocast_on, check_range, check_same_device,
+                      check_same_dtype, check_tensor, follow_autocast)
+from ._library import kernel
 
 OP = "attention"
 
 
-# ---- kernel backends: what each supports, and how to call it --------------------------------
+# ---- kernel backends: what each supports ----------------------------------------------------
 
-def _triton_support(inputs: dict) -> Optional[str]:
+class Facts(NamedTuple):
+    """What backend support depends on: hashable, so decisions are cached per distinct facts."""
+    dtype: torch.dtype
+    head_dim: int
+    needs_grad: bool
+    span_bits: int  # bit length of the largest (batch, head) slice span, in elements
+
+
+def facts(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool) -> Facts:
+    # The span of a (batch, head) slice is its last element's offset + 1 (the kernels index
+    # inside a slice with 32-bit offsets: kernels/attention.py `head_span`); the widest counts.
+    d = q.shape[3]
+    span = max((q.shape[2] - 1) * q.stride(2), (k.shape[2] - 1) * k.stride(2),
+               (v.shape[2] - 1) * v.stride(2)) + d
+    return Facts(q.dtype, d, needs_grad, span.bit_length())
+
+
+def _triton_support(f: Facts) -> Optional[str]:
     from gptfast.kernels import attention as kern
-    if inputs["dtype"] not in kern.DTYPES:
-        return f"dtype {inputs['dtype']} is not supported (supported: {kern.DTYPES})"
-    d = inputs["head_dim"]
+    if f.dtype not in kern.DTYPES:
+        return f"dtype {f.dtype} is not supported (supported: {kern.DTYPES})"
+    d = f.head_dim
     if d not in kern.HEAD_DIMS_FWD:
         return f"head dim {d} is not supported (supported: {kern.HEAD_DIMS_FWD})"
-    if max(kern.head_span(t) for t in inputs["qkv"]) >= 2**31:
+    if f.span_bits > 31:
         return "a (batch, head) slice spans 2**31 elements or more (32-bit offsets inside it)"
-    if inputs["needs_grad"] and d not in kern.HEAD_DIMS_BWD:
+    if f.needs_grad and d not in kern.HEAD_DIMS_BWD:
         return (f"head dim {d} has no backward kernel (backward supports {kern.HEAD_DIMS_BWD});"
                 f" forward-only use (torch.no_grad) is supported")
     return None
 
 
-def _kernel_module(backend: str):
-    if backend == "triton":
-        from gptfast.kernels import attention as kern
-        return kern
-    raise RuntimeError(f"attention: no {backend} kernels are registered")  # pragma: no cover
-
-
 backends.register_support(OP, "triton", _triton_support)
 
 
-# ---- the custom ops ---------------------------------------------------------------------------
+# ---- autograd around the ops --------------------------------------------------------------------
 
-def _opts(causal, softmax_scale, alibi_slopes, window, key_padding_mask, dropout_p, seed):
-    return dict(causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
-                window=window, key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed)
+class _Attention(torch.autograd.Function):
+    """out, lse = gptfast::<backend>_attention_fwd(...), differentiable in q, k, v (and through
+    lse). The ops themselves have no autograd: this Function is the only place it lives."""
 
+    @staticmethod
+    def forward(ctx, q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale,
+                window, dropout_p, deterministic, backend):
+        out, lse = kernel(backend, "attention_fwd", q, k, v)(
+            q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale, window,
+            dropout_p)
+        ctx.set_materialize_grads(False)  # an unused output (often lse) gets None, not zeros
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, key_padding_mask, seed)
+        ctx.args = (causal, softmax_scale, window, dropout_p, deterministic, backend)
+        return out, lse
 
-@torch.library.custom_op("gptfast::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor],
-                   key_padding_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool,
-                   softmax_scale: float, window: Optional[int], dropout_p: float,
-                   deterministic: bool, backend: str) -> tuple[Tensor, Tensor]:
-    # `deterministic` only matters to the backward; it is an input so autograd can save it.
-    out, lse = _kernel_module(backend).attention_forward(
-        q, k, v, **_opts(causal, softmax_scale, alibi_slopes, window, key_padding_mask,
-                         dropout_p, seed))
-    return out.contiguous(), lse.contiguous()
-
-
-@_attention_fwd.register_fake
-def _(q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale, window, dropout_p,
-      deterministic, backend):
-    B, H, S, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, S), dtype=torch.float32)
-
-
-@torch.library.custom_op("gptfast::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
-                   out: Tensor, lse: Tensor, alibi_slopes: Optional[Tensor],
-                   key_padding_mask: Optional[Tensor], seed: Optional[Tensor], causal: bool,
-                   softmax_scale: float, window: Optional[int], dropout_p: float,
-                   deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = _kernel_module(backend).attention_backward(
-        dout, q, k, v, out, lse, dlse=dlse, deterministic=deterministic,
-        **_opts(causal, softmax_scale, alibi_slopes, window, key_padding_mask, dropout_p, seed))
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-@_attention_bwd.register_fake
-def _(dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed, causal,
-      softmax_scale, window, dropout_p, deterministic, backend):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    (q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale, window, dropout_p,
-     deterministic, backend) = inputs
-    out, lse = output
-    ctx.set_materialize_grads(False)  # an unused output (often lse) gets None, not zeros
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, key_padding_mask, seed)
-    ctx.args = (causal, softmax_scale, window, dropout_p, deterministic, backend)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes, key_padding_mask, seed = ctx.saved_tensors
-    causal, softmax_scale, window, dropout_p, deterministic, backend = ctx.args
-    if dout is None:  # only lse was used
-        dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask,
-                                seed, causal, softmax_scale, window, dropout_p, deterministic,
-                                backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
-
-
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if dout is None and dlse is None:  # neither output was used
+            return (None,) * 12
+        q, k, v, out, lse, alibi_slopes, key_padding_mask, seed = ctx.saved_tensors
+        causal, softmax_scale, window, dropout_p, deterministic, backend = ctx.args
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv = kernel(backend, "attention_bwd", dout, q)(
+            dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed, causal,
+            softmax_scale, window, dropout_p, deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 # ---- public function ----------------------------------------------------------------------------
 
 def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask, dropout_p):
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hq, Sq, d)")
-    check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
-    check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
-    device = check_same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes,
-                               key_padding_mask=key_padding_mask)
+    """Every argument check, on metadata only; returns the device. Each `if` tests the common
+    case in one expression and only on failure calls the helpers that name the culprit."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.dtype in FLOAT_DTYPES
+            and k.dtype in FLOAT_DTYPES and v.dtype in FLOAT_DTYPES):
+        check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hq, Sq, d)")
+        check_tensor("k", k, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
+        check_tensor("v", v, ndim=4, dtypes=FLOAT_DTYPES, what="(B, Hkv, Sk, d)")
+    device = q.device
+    if not (k.device == device and v.device == device
+            and (alibi_slopes is None or alibi_slopes.device == device)
+            and (key_padding_mask is None or key_padding_mask.device == device)):
+        check_same_device(q=q, k=k, v=v, alibi_slopes=alibi_slopes,
+                          key_padding_mask=key_padding_mask)
     B, Hq, Sq, d = q.shape
-    if k.shape != v.shape:
+    kshape = k.shape
+    if kshape != v.shape:
         raise ValueError(f"k and v: expected the same shape (B, Hkv, Sk, d), got "
                          f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != B or k.shape[3] != d:
+    _, Hkv, Sk, dk = kshape
+    if kshape[0] != B or dk != d:
         raise ValueError(f"k: expected shape ({B}, Hkv, Sk, {d}) to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
-    Hkv, Sk = k.shape[1], k.shape[2]
+                         f"got {tuple(kshape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"k: the number of key/value heads ({Hkv}) must divide the number of "
                          f"query heads ({Hq}) (grouped-query attention)")
@@ -160,7 +147,8 @@ def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mas
         if tuple(key_padding_mask.shape) != (B, Sk):
             raise ValueError(f"key_padding_mask: expected shape ({B}, {Sk}), got "
                              f"{tuple(key_padding_mask.shape)}")
-    check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_open=True)
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_open=True)
     return device
 
 
@@ -169,13 +157,14 @@ def _plan(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window
           backend="auto"):
     device = _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask,
                     dropout_p)
-    q, k, v = follow_autocast(device, q, k, v)
-    check_same_dtype(q=q, k=k, v=v)
+    if autocast_on():
+        q, k, v = follow_autocast(device, q, k, v)
+    dtype = q.dtype
+    if k.dtype != dtype or v.dtype != dtype:
+        check_same_dtype(q=q, k=k, v=v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    inputs = dict(dtype=q.dtype, head_dim=q.shape[-1], needs_grad=needs_grad, qkv=(q, k, v),
-                  deterministic=deterministic, dropout_p=dropout_p)
-    return backends.choose(OP, backend, device, inputs), (q, k, v)
+    return backends.choose(OP, backend, device, facts(q, k, v, needs_grad)), (q, k, v), needs_grad
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
@@ -218,29 +207,37 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     Returns out (B, Hq, Sq, d) in the input dtype (the autocast dtype inside autocast), or
     (out, lse). A query row that sees no key returns zeros, never NaN, and zero gradients.
     """
-    decision, (q, k, v) = _plan(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                alibi_slopes=alibi_slopes, window=window,
-                                key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-                                deterministic=deterministic, backend=backend)
+    decision, (q, k, v), needs_grad = _plan(
+        q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
+        window=window, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+        deterministic=deterministic, backend=backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if decision.backend == "torch":
         out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
                                        alibi_slopes=alibi_slopes, window=window,
                                        key_padding_mask=key_padding_mask, dropout_p=dropout_p)
-    else:
-        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
-            # The kernels stream rows of d contiguous elements; anything else is rare enough
-            # to pay for a copy.
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        seed = None
-        if dropout_p > 0.0:
-            # Drawn from torch's generator on the device (no host sync): torch.manual_seed
-            # makes dropout reproducible, and backward regenerates the mask from it.
-            seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
-        slopes = alibi_slopes.float().contiguous() if alibi_slopes is not None else None
-        mask = key_padding_mask.contiguous() if key_padding_mask is not None else None
-        out, lse = _attention_fwd(q, k, v, slopes, mask, seed, causal, scale, window,
-                                  float(dropout_p), bool(deterministic), decision.backend)
+        return (out, lse) if return_lse else out
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        # The kernels stream rows of d contiguous elements; anything else is rare enough
+        # to pay for a copy.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    seed = None
+    if dropout_p > 0.0:
+        # Drawn from torch's generator on the device (no host sync): torch.manual_seed
+        # makes dropout reproducible, and backward regenerates the mask from it.
+        seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+    slopes = alibi_slopes
+    if slopes is not None and (slopes.dtype != torch.float32 or not slopes.is_contiguous()):
+        slopes = slopes.float().contiguous()
+    mask = key_padding_mask
+    if mask is not None and not mask.is_contiguous():
+        mask = mask.contiguous()
+    if needs_grad:
+        out, lse = _Attention.apply(q, k, v, slopes, mask, seed, causal, scale, window,
+                                    float(dropout_p), bool(deterministic), decision.backend)
+    else:  # inference (or nothing requires grad): no autograd node at all
+        out, lse = kernel(decision.backend, "attention_fwd", q, k, v)(
+            q, k, v, slopes, mask, seed, causal, scale, window, float(dropout_p))
     return (out, lse) if return_lse else out
 
 

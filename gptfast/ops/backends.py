@@ -4,17 +4,19 @@ Backends, in the order `"auto"` tries them:
   "cuda"   - CUDA C++ kernels from `csrc/`, built as the extension `gptfast._C`;
   "triton" - Triton kernels from `kernels/` (on CUDA tensors; on CPU tensors only when
              TRITON_INTERPRET=1 was set before Triton was imported, which is how CI tests them,
-             and only when asked for by name: "auto" never runs the interpreter);
+             and only when asked for by name: "auto" never runs the interpreter; bf16 there
+             only where the interpreter computes it right, see kernels/_interpreter.py);
   "torch"  - the plain-PyTorch reference (`reference.py`): every option, every device.
 
-Each op module registers, per kernel backend, a function that looks at the op's inputs and
-returns None when that backend can run them, or a sentence saying why not. `choose()` turns
-those into a `Decision`, which `gptfast.explain(...)` prints and the debug log records.
+Each op module registers, per kernel backend, a function that looks at the op's input facts (a
+small hashable tuple: dtype, head dim, ...) and returns None when that backend can run them, or a
+sentence saying why not. `choose()` turns those into a `Decision`, cached per distinct facts,
+which `gptfast.explain(...)` prints and the debug log records.
 """
 from __future__ import annotations
 
-import functools
 import importlib
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -22,12 +24,14 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from . import _library  # noqa: F401 - the op schemas, declared before gptfast._C registers kernels
+
 log = logging.getLogger("gptfast")
 
 BACKENDS = ("cuda", "triton", "torch")
 KERNEL_BACKENDS = ("cuda", "triton")
 
-SupportFn = Callable[[dict], Optional[str]]
+SupportFn = Callable[[tuple], Optional[str]]
 _SUPPORT: Dict[str, Dict[str, SupportFn]] = {}
 _PLANNERS: Dict[str, Callable[..., "Decision"]] = {}
 
@@ -43,6 +47,7 @@ class Decision:
     backend: str
     # backend -> why it cannot run these inputs (None: it can).
     reasons: Dict[str, Optional[str]] = field(default_factory=dict)
+    error: Optional[str] = None  # set when the requested backend cannot run the inputs
 
     def __str__(self) -> str:
         lines = [f"{self.op}: backend={self.requested!r} -> runs on {self.backend!r}"]
@@ -62,66 +67,119 @@ def register_planner(op: str, fn: Callable[..., Decision]) -> None:
 
 # ---- availability of a backend on a device, whatever the op ---------------------------------
 
-# The probes below run eagerly even while torch.compile traces a caller: their answers are
-# facts about this process, constant for the life of the compiled graph.
+# Facts about this process, probed at most once and kept in plain module attributes: an op call
+# re-probes nothing, `import gptfast` imports neither Triton nor torch._dynamo, and code traced by
+# torch.compile reads them as constants. TRITON_INTERPRET is read when gptfast is imported (it
+# must be set before Triton is imported anyway).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TRITON_SPEC = importlib.util.find_spec("triton") is not None
+_triton_version_probed: Optional[str] = None  # set by the first eager probe
+_triton_probed = False
 
-@torch.compiler.assume_constant_result
+
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _INTERPRET
 
 
-@functools.lru_cache(maxsize=None)  # probed once: an op call must not retry imports
 def _probe_triton() -> Optional[str]:
-    try:
-        return importlib.import_module("triton").__version__
-    except Exception:  # noqa: BLE001 - any import failure means "not available"
-        return None
+    """Triton's version, or None when it cannot be imported. Imports Triton (about a second) the
+    first time a Triton backend could run, not when gptfast is imported."""
+    global _triton_probed, _triton_version_probed
+    if not _triton_probed:
+        if torch.compiler.is_compiling():  # no imports inside a trace; the spec says enough
+            return "unknown" if _TRITON_SPEC else None
+        try:
+            _triton_version_probed = importlib.import_module("triton").__version__
+        except Exception:  # noqa: BLE001 - any import failure means "not available"
+            _triton_version_probed = None
+        _triton_probed = True
+    return _triton_version_probed
 
 
-@torch.compiler.assume_constant_result
 def _triton_version() -> Optional[str]:
-    return _probe_triton()
+    return _probe_triton() if _TRITON_SPEC else None
+
+
+def interpreter_bf16_problem() -> Optional[str]:
+    """Why the Triton interpreter cannot run bf16 kernels here, or None when it can. The
+    interpreter computes bf16 wrongly in Triton 3.6-3.8; `gptfast.kernels._interpreter` checks
+    the installed one with a self-test and fixes it (once, on the first bf16 question). Inside a
+    torch.compile trace nothing is imported or run: the launchers ask again when they run (and
+    raise a clear error then if bf16 cannot be made right)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        from gptfast.kernels import _interpreter
+    except ImportError as e:  # pragma: no cover - Triton present but its internals moved
+        return f"the interpreter's bf16 check failed to import ({e})"
+    return _interpreter.bf16_problem()
 
 
 def triton_unavailable(device: torch.device) -> Optional[str]:
-    if _triton_version() is None:
+    if not _TRITON_SPEC:
         return "Triton is not installed"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and interpreter_enabled():
-        return None
-    if device.type == "cpu":
+    if device.type == "cpu" and not _INTERPRET:
         return "tensors are on the CPU and TRITON_INTERPRET=1 is not set (Triton needs a GPU)"
-    return f"Triton does not run on {device.type} tensors"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type} tensors"
+    if _triton_version() is None:
+        return "Triton is installed but fails to import"
+    return None
 
 
-@functools.lru_cache(maxsize=None)
-def cuda_extension():
-    """The compiled `gptfast._C` module, or None when it was not built."""
+def _load_cuda_extension():
+    """Import `gptfast._C` (it registers the `gptfast::cuda_*` kernels) when it was built.
+    Returns (module or None, why not)."""
+    if importlib.util.find_spec("gptfast._C") is None:
+        return None, "the CUDA extension gptfast._C is not built"
     try:
-        return importlib.import_module("gptfast._C")
-    except ImportError:
-        return None
+        return importlib.import_module("gptfast._C"), None
+    except ImportError as e:
+        return None, f"the CUDA extension gptfast._C failed to load ({e})"
 
 
-@torch.compiler.assume_constant_result
-def _cuda_extension_built() -> bool:
-    return cuda_extension() is not None
+_CUDA_EXT, _CUDA_EXT_WHY = _load_cuda_extension()
+
+
+def cuda_extension():
+    """The compiled `gptfast._C` module, or None when it was not built (or failed to load)."""
+    return _CUDA_EXT
 
 
 def cuda_unavailable(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
-    if not _cuda_extension_built():
-        return "the CUDA extension gptfast._C is not built (csrc/ has no kernels yet)"
+    if _CUDA_EXT is None:
+        return _CUDA_EXT_WHY
     return None
 
 
 _AVAILABILITY = {"cuda": cuda_unavailable, "triton": triton_unavailable}
 
+# (op, requested, device, facts) -> Decision. Facts are the few hashable properties of the
+# inputs that support depends on (dtype, head dim, ...), so the cache stays small.
+_DECISIONS: Dict[tuple, "Decision"] = {}
 
-def choose(op: str, requested: str, device: torch.device, inputs: dict) -> Decision:
-    """Pick the backend for `op` on these inputs, or raise BackendError saying why not."""
+
+def choose(op: str, requested: str, device: torch.device, facts) -> Decision:
+    """Pick the backend for `op` on inputs with these `facts` (the hashable tuple the op's
+    support functions read), or raise BackendError saying why not. Cached per distinct
+    (op, requested, device, facts): an op call pays one dictionary lookup."""
+    compiling = torch.compiler.is_compiling()
+    key = (op, requested, device, facts)
+    decision = None if compiling else _DECISIONS.get(key)
+    if decision is None:
+        decision = _decide(op, requested, device, facts)
+        if not compiling and len(_DECISIONS) < 4096:
+            _DECISIONS[key] = decision
+    if decision.error is not None:
+        raise BackendError(decision.error)
+    if not compiling and log.isEnabledFor(logging.DEBUG):
+        log.debug("%s", decision)
+    return decision
+
+
+def _decide(op: str, requested: str, device: torch.device, facts) -> Decision:
     if requested not in ("auto",) + BACKENDS:
         raise ValueError(f"backend must be one of 'auto', 'cuda', 'triton', 'torch'; "
                          f"got {requested!r}")
@@ -134,11 +192,15 @@ def choose(op: str, requested: str, device: torch.device, inputs: dict) -> Decis
                 why = f"gptfast has no {name} kernel for {op} yet"
             else:
                 try:
-                    why = support(inputs)
+                    why = support(facts)
                 except ImportError as e:  # a kernel module that fails to import
                     why = f"the {name} kernels for {op} failed to import ({e})"
+            if why is None and name == "triton" and interpreter_enabled() \
+                    and getattr(facts, "dtype", None) == torch.bfloat16:
+                why = interpreter_bf16_problem()
         reasons[name] = why
 
+    error = None
     if requested == "auto":
         # The Triton interpreter is a test harness (thousands of times slower than the
         # reference), so "auto" never picks it; backend="triton" asks for it explicitly.
@@ -149,12 +211,10 @@ def choose(op: str, requested: str, device: torch.device, inputs: dict) -> Decis
         backend = requested
     else:
         able = [b for b in BACKENDS if reasons[b] is None]
-        raise BackendError(f"{op}: backend={requested!r} cannot run these inputs: "
-                           f"{reasons[requested]}. Backends that can: {', '.join(able)}")
-    decision = Decision(op, requested, backend, reasons)
-    if not torch.compiler.is_compiling() and log.isEnabledFor(logging.DEBUG):
-        log.debug("%s", decision)
-    return decision
+        backend = requested
+        error = (f"{op}: backend={requested!r} cannot run these inputs: "
+                 f"{reasons[requested]}. Backends that can: {', '.join(able)}")
+    return Decision(op, requested, backend, reasons, error)
 
 
 def explain(op, *args, **kwargs) -> Decision:
@@ -183,6 +243,13 @@ def report() -> str:
         lines.append("GPU     none")
         device = torch.device("cpu")
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    if interpreter_enabled() and _triton_version() is not None:
+        why = interpreter_bf16_problem()
+        from gptfast.kernels import _interpreter
+        state = {"native": "right as installed (self-test passed)",
+                 "patched": "made right by gptfast's fix (self-test passed)"}
+        lines.append("  bf16 under the interpreter: "
+                     + (f"refused: {why}" if why else state[_interpreter.bf16_state()]))
     lines.append(f"backends on {device.type} (besides 'torch', which runs everything):")
     for op in sorted(set(_PLANNERS) | set(_SUPPORT)):
         for name in KERNEL_BACKENDS:

@@ -1,12 +1,16 @@
 """`gptfast.cross_entropy` and `gptfast.linear_cross_entropy`.
 
 Layers, thinnest on top:
-  cross_entropy(), linear_cross_entropy()   public functions: checks, autocast, backend choice,
-                                            the reduction
-  gptfast::cross_entropy_fwd/_bwd/_bwd_,    custom ops (register_fake + register_autograd); the
-  gptfast::linear_cross_entropy_fwd/_bwd,   `backend` argument picks the implementation
-  gptfast::linear_cross_entropy_fwd_grad
-  reference.py / kernels/cross_entropy.py   the implementations
+  cross_entropy(), linear_cross_entropy()   public functions: checks, autocast, backend choice
+  _CrossEntropy, _LinearCrossEntropy,       autograd.Functions: save what backward needs, reduce
+  _LinearCrossEntropyBudgeted               the rows (mean/sum) without autograd nodes, call the
+                                            backend's ops
+  gptfast::<backend>_cross_entropy_*,       the ops (schemas and fakes in `_library.py`)
+  gptfast::<backend>_linear_cross_entropy_*
+  kernels/cross_entropy.py                  the Triton kernels (csrc/ for CUDA C++)
+The "torch" backend is plain PyTorch: `reference.cross_entropy` (differentiable) over logits;
+for linear cross-entropy the chunked reference, with its hand-written backward, runs inside the
+same autograd.Functions as the kernels (it never holds the N x V logits).
 
 linear_cross_entropy has two schedules (see kernels/cross_entropy.py for their costs):
   lean      (default): forward keeps only the per-row lse; backward recomputes the logits.
@@ -17,58 +21,38 @@ linear_cross_entropy has two schedules (see kernels/cross_entropy.py for their c
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import (FLOAT_DTYPES, check_choice, check_range, check_same_device,
-                      check_same_dtype, check_tensor, follow_autocast)
+from ._checks import (FLOAT_DTYPES, autocast_on, check_choice, check_range,
+                      check_same_device, check_same_dtype, check_tensor, follow_autocast)
+from ._library import REDUCTION, kernel
 
 REDUCTIONS = ("mean", "sum", "none")
 LEAN_BUDGET = 64 << 20  # bytes: the lean schedule's working set, and the default budget
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-# ---- implementations, by backend ------------------------------------------------------------
+# ---- kernel backends: what each supports -------------------------------------------------------
 
-def _triton():
-    from gptfast.kernels import cross_entropy as kern
-    return kern
+class Facts(NamedTuple):
+    dtype: torch.dtype
 
 
-class _TorchImpl:
-    """The reference, in the launcher shape of kernels/cross_entropy.py."""
+def _triton_support(f: Facts) -> Optional[str]:
+    if f.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {f.dtype} is not supported (fp16, bf16, fp32)"
+    return None
 
-    @staticmethod
-    def cross_entropy_forward(logits, targets, **o):
-        return reference.cross_entropy(logits, targets, **o)
 
-    @staticmethod
-    def cross_entropy_backward(grad_rows, grad_lse, logits, targets, lse, *, inplace=False, **o):
-        # Same hand-written gradient as the chunked linear op; no autograd graph is kept.
-        x = logits.to(reference._acc_dtype(logits.dtype))
-        g = reference._chunk_dlogits(x, targets, lse, grad_rows, grad_lse, **o)
-        return g.to(logits.dtype)
+for _op in ("cross_entropy", "linear_cross_entropy"):
+    backends.register_support(_op, "triton", _triton_support)
 
-    @staticmethod
-    def linear_cross_entropy_forward(hidden, weight, targets, bias, *, reduction,
-                                     memory_budget=None, **o):
-        chunk = _chunk_elements(memory_budget)
-        if memory_budget is not None and memory_budget > LEAN_BUDGET and reduction != "none":
-            return reference.linear_cross_entropy_forward_with_grad(
-                hidden, weight, targets, bias, reduction=reduction, chunk_elements=chunk, **o)
-        loss_rows, lse = reference.linear_cross_entropy_forward(
-            hidden, weight, targets, bias, chunk_elements=chunk, **o)
-        return loss_rows, lse, None
 
-    @staticmethod
-    def linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight, targets, bias, lse,
-                                      **o):
-        return reference.linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight,
-                                                       targets, bias, lse, **o)
-
+# ---- the "torch" backend of linear cross-entropy, in the ops' signatures -----------------------
 
 def _chunk_elements(memory_budget: Optional[int]) -> int:
     # A chunk's fp32 logits, probabilities, gradient and the temporaries between them: about
@@ -77,210 +61,173 @@ def _chunk_elements(memory_budget: Optional[int]) -> int:
     return max(1 << 12, budget // 32)
 
 
-def _impl(backend: str):
-    if backend == "torch":
-        return _TorchImpl
-    if backend == "triton":
-        return _triton()
-    raise RuntimeError(f"cross-entropy: no {backend} kernels are registered")  # pragma: no cover
+def _torch_lce_fwd(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
+                   memory_budget=None):
+    return reference.linear_cross_entropy_forward(
+        hidden, weight, targets, bias, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        chunk_elements=_chunk_elements(memory_budget))
 
 
-def _triton_support(inputs: dict) -> Optional[str]:
-    if inputs["dtype"] not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"dtype {inputs['dtype']} is not supported (fp16, bf16, fp32)"
-    return None
+def _torch_lce_bwd(grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index,
+                   label_smoothing, z_loss, softcap, memory_budget=None):
+    dh, dw, db = reference.linear_cross_entropy_backward(
+        grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+        chunk_elements=_chunk_elements(memory_budget))
+    return dh, dw, db if db is not None else hidden.new_empty(0)
 
 
-for _op in ("cross_entropy", "linear_cross_entropy"):
-    backends.register_support(_op, "triton", _triton_support)
+def _torch_lce_fwd_grad(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
+                        softcap, reduction, memory_budget):
+    name = "mean" if reduction == REDUCTION["mean"] else "sum"
+    loss_rows, lse, (dh, dw, db) = reference.linear_cross_entropy_forward_with_grad(
+        hidden, weight, targets, bias, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=name,
+        chunk_elements=_chunk_elements(memory_budget))
+    loss = reference.reduce_rows(loss_rows, targets, ignore_index, name)
+    return loss, lse, dh, dw, db if db is not None else hidden.new_empty(0)
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of losses and lse: fp32, or fp64 for fp64 inputs (the "torch" backend)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# ---- reduction inside the Functions (no autograd nodes for sum / divide) ------------------------
+
+def _reduce(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: str):
+    """(loss, count): the reduced loss the way F.cross_entropy reduces (mean over non-ignored
+    rows; all ignored: 0 for sum, NaN for mean) and, for mean, the count backward divides by."""
+    if reduction == "none":
+        return loss_rows, None
+    if reduction == "sum":
+        return loss_rows.sum(), None
+    # the count in the loss's dtype: no type promotion in the divisions here and in backward
+    count = targets.ne(ignore_index).sum(dtype=loss_rows.dtype)
+    return loss_rows.sum() / count, count
 
 
-def _opts(ignore_index, label_smoothing, z_loss, softcap):
-    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-                softcap=softcap)
+def _grad_rows(grad_loss: Optional[Tensor], count: Optional[Tensor], reduction: str, n: int):
+    """Per-row upstream gradient of the reduced loss: stride 0 for mean/sum (kernels take
+    strides), None when the loss was not used."""
+    if grad_loss is None or reduction == "none":
+        return grad_loss
+    if reduction == "mean":
+        grad_loss = grad_loss / count
+    return grad_loss.expand(n)
 
 
-# ---- custom ops: cross-entropy over given logits ----------------------------------------------
+# ---- autograd: cross-entropy over given logits (kernel backends) --------------------------------
 
-@torch.library.custom_op("gptfast::cross_entropy_fwd", mutates_args=())
-def _ce_fwd(logits: Tensor, targets: Tensor, ignore_index: int, label_smoothing: float,
-            z_loss: float, softcap: Optional[float], inplace_backward: bool,
-            backend: str) -> tuple[Tensor, Tensor]:
-    # `inplace_backward` only matters to the backward; it is an input so autograd can save it.
-    loss_rows, lse = _impl(backend).cross_entropy_forward(
-        logits, targets, **_opts(ignore_index, label_smoothing, z_loss, softcap))
-    acc = _acc(logits.dtype)
-    return loss_rows.to(acc).contiguous(), lse.to(acc).contiguous()
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, label_smoothing, z_loss, softcap, reduction,
+                inplace_backward, backend):
+        loss_rows, lse = kernel(backend, "cross_entropy_fwd", logits)(
+            logits, targets, ignore_index, label_smoothing, z_loss, softcap)
+        loss, count = _reduce(loss_rows, targets, ignore_index, reduction)
+        ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
+        ctx.save_for_backward(logits, targets, lse, count)
+        ctx.args = (ignore_index, label_smoothing, z_loss, softcap)
+        ctx.reduction, ctx.inplace_backward, ctx.backend = reduction, inplace_backward, backend
+        return loss, lse
 
-
-@_ce_fwd.register_fake
-def _(logits, targets, ignore_index, label_smoothing, z_loss, softcap, inplace_backward, backend):
-    n, acc = logits.shape[0], _acc(logits.dtype)
-    return logits.new_empty(n, dtype=acc), logits.new_empty(n, dtype=acc)
-
-
-@torch.library.custom_op("gptfast::cross_entropy_bwd", mutates_args=())
-def _ce_bwd(grad_rows: Optional[Tensor], grad_lse: Optional[Tensor], logits: Tensor,
-            targets: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float,
-            z_loss: float, softcap: Optional[float], backend: str) -> Tensor:
-    return _impl(backend).cross_entropy_backward(
-        grad_rows, grad_lse, logits, targets, lse,
-        **_opts(ignore_index, label_smoothing, z_loss, softcap)).contiguous()
-
-
-@_ce_bwd.register_fake
-def _(grad_rows, grad_lse, logits, targets, lse, ignore_index, label_smoothing, z_loss, softcap,
-      backend):
-    return logits.new_empty(logits.shape)
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        if grad_loss is None and grad_lse is None:  # neither output was used
+            return (None,) * 9
+        logits, targets, lse, count = ctx.saved_tensors
+        g = _grad_rows(grad_loss, count, ctx.reduction, logits.shape[0])
+        if ctx.inplace_backward:
+            kernel(ctx.backend, "cross_entropy_bwd_", logits)(g, grad_lse, logits, targets, lse,
+                                                             *ctx.args)
+            dlogits = logits
+        else:
+            dlogits = kernel(ctx.backend, "cross_entropy_bwd", logits)(
+                g, grad_lse, logits, targets, lse, *ctx.args)
+        return dlogits, None, None, None, None, None, None, None, None
 
 
-@torch.library.custom_op("gptfast::cross_entropy_bwd_", mutates_args=("logits",))
-def _ce_bwd_inplace(grad_rows: Optional[Tensor], grad_lse: Optional[Tensor], logits: Tensor,
-                    targets: Tensor, lse: Tensor, ignore_index: int, label_smoothing: float,
-                    z_loss: float, softcap: Optional[float], backend: str) -> None:
-    """The backward that overwrites the logits with their gradient (no second N x V buffer)."""
-    dlogits = _impl(backend).cross_entropy_backward(
-        grad_rows, grad_lse, logits, targets, lse, inplace=True,
-        **_opts(ignore_index, label_smoothing, z_loss, softcap))
-    if dlogits.data_ptr() != logits.data_ptr():  # a backend that cannot write in place
-        logits.copy_(dlogits)
+# ---- autograd: linear cross-entropy, lean schedule (every backend) -------------------------------
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
+                softcap, reduction, memory_budget, backend):
+        opts = (ignore_index, label_smoothing, z_loss, softcap)
+        if backend == "torch":
+            loss_rows, lse = _torch_lce_fwd(hidden, weight, targets, bias, *opts, memory_budget)
+        else:
+            loss_rows, lse = kernel(backend, "linear_cross_entropy_fwd", hidden, weight)(
+                hidden, weight, targets, bias, *opts)
+        loss, count = _reduce(loss_rows, targets, ignore_index, reduction)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, count)
+        ctx.args = opts
+        ctx.reduction, ctx.memory_budget, ctx.backend = reduction, memory_budget, backend
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        if grad_loss is None and grad_lse is None:  # neither output was used
+            return (None,) * 11
+        hidden, weight, targets, bias, lse, count = ctx.saved_tensors
+        g = _grad_rows(grad_loss, count, ctx.reduction, hidden.shape[0])
+        if ctx.backend == "torch":
+            dh, dw, db = _torch_lce_bwd(g, grad_lse, hidden, weight, targets, bias, lse,
+                                        *ctx.args, ctx.memory_budget)
+        else:
+            dh, dw, db = kernel(ctx.backend, "linear_cross_entropy_bwd", hidden, weight)(
+                g, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
+        return (dh, dw, None, db if bias is not None else None,
+                None, None, None, None, None, None, None)
 
 
-def _ce_setup(ctx, inputs, output):
-    logits, targets, *args, inplace_backward, backend = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(logits, targets, output[1])
-    ctx.args = (*args, backend)
-    ctx.inplace_backward = inplace_backward
+# ---- autograd: linear cross-entropy, budgeted schedule -----------------------------------------
 
+class _LinearCrossEntropyBudgeted(torch.autograd.Function):
+    """Gradients computed in forward for a unit upstream gradient of the reduced loss; backward
+    scales them (and adds the lean backward of an lse gradient, when the lse is used)."""
 
-def _ce_backward(ctx, grad_rows, grad_lse):
-    logits, targets, lse = ctx.saved_tensors
-    if ctx.inplace_backward:
-        _ce_bwd_inplace(grad_rows, grad_lse, logits, targets, lse, *ctx.args)
-        dlogits = logits
-    else:
-        dlogits = _ce_bwd(grad_rows, grad_lse, logits, targets, lse, *ctx.args)
-    return dlogits, None, None, None, None, None, None, None
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
+                softcap, reduction, memory_budget, backend):
+        opts = (ignore_index, label_smoothing, z_loss, softcap)
+        if backend == "torch":
+            fwd_grad = _torch_lce_fwd_grad
+        else:
+            fwd_grad = kernel(backend, "linear_cross_entropy_fwd_grad", hidden, weight)
+        loss, lse, dh, dw, db = fwd_grad(hidden, weight, targets, bias, *opts,
+                                         REDUCTION[reduction], memory_budget)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(hidden, weight, targets, bias, lse, dh, dw, db)
+        ctx.args = opts
+        ctx.memory_budget, ctx.backend = memory_budget, backend
+        return loss, lse
 
-
-_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
-
-
-# ---- custom ops: linear cross-entropy --------------------------------------------------------
-
-@torch.library.custom_op("gptfast::linear_cross_entropy_fwd", mutates_args=())
-def _lce_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-             ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-             backend: str) -> tuple[Tensor, Tensor]:
-    loss_rows, lse, _ = _impl(backend).linear_cross_entropy_forward(
-        hidden, weight, targets, bias, reduction="none",
-        **_opts(ignore_index, label_smoothing, z_loss, softcap))
-    acc = _acc(hidden.dtype)
-    return loss_rows.to(acc).contiguous(), lse.to(acc).contiguous()
-
-
-@_lce_fwd.register_fake
-def _(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, backend):
-    n, acc = hidden.shape[0], _acc(hidden.dtype)
-    return hidden.new_empty(n, dtype=acc), hidden.new_empty(n, dtype=acc)
-
-
-@torch.library.custom_op("gptfast::linear_cross_entropy_bwd", mutates_args=())
-def _lce_bwd(grad_rows: Optional[Tensor], grad_lse: Optional[Tensor], hidden: Tensor,
-             weight: Tensor, targets: Tensor, bias: Optional[Tensor], lse: Tensor,
-             ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float],
-             backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dh, dw, db = _impl(backend).linear_cross_entropy_backward(
-        grad_rows, grad_lse, hidden, weight, targets, bias, lse,
-        **_opts(ignore_index, label_smoothing, z_loss, softcap))
-    db = db.contiguous() if db is not None else hidden.new_empty(0)  # ops cannot return None
-    return dh.contiguous(), dw.contiguous(), db
-
-
-@_lce_bwd.register_fake
-def _(grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index, label_smoothing,
-      z_loss, softcap, backend):
-    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db
-
-
-def _lce_setup(ctx, inputs, output):
-    hidden, weight, targets, bias, *args = inputs
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, targets, bias, output[1])
-    ctx.args = args
-
-
-def _lce_backward(ctx, grad_rows, grad_lse):
-    hidden, weight, targets, bias, lse = ctx.saved_tensors
-    dh, dw, db = _lce_bwd(grad_rows, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
-    return dh, dw, None, (db if bias is not None else None), None, None, None, None, None
-
-
-_lce_fwd.register_autograd(_lce_backward, setup_context=_lce_setup)
-
-
-@torch.library.custom_op("gptfast::linear_cross_entropy_fwd_grad", mutates_args=())
-def _lce_fwd_grad(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                  ignore_index: int, label_smoothing: float, z_loss: float,
-                  softcap: Optional[float], reduction: str, memory_budget: int,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Budgeted schedule: (reduced loss, lse, dhidden, dweight, dbias) for a unit upstream
-    gradient of the reduced loss. The last three are saved for backward, never used directly."""
-    loss_rows, lse, grads = _impl(backend).linear_cross_entropy_forward(
-        hidden, weight, targets, bias, reduction=reduction, memory_budget=memory_budget,
-        **_opts(ignore_index, label_smoothing, z_loss, softcap))
-    dh, dw, db = grads
-    acc = _acc(hidden.dtype)
-    loss = reference.reduce_rows(loss_rows.to(acc), targets, ignore_index, reduction)
-    db = db.contiguous() if db is not None else hidden.new_empty(0)
-    return loss, lse.to(acc).contiguous(), dh.contiguous(), dw.contiguous(), db
-
-
-@_lce_fwd_grad.register_fake
-def _(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, reduction,
-      memory_budget, backend):
-    n, acc = hidden.shape[0], _acc(hidden.dtype)
-    db = bias.new_empty(bias.shape) if bias is not None else hidden.new_empty(0)
-    return (hidden.new_empty((), dtype=acc), hidden.new_empty(n, dtype=acc),
-            hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), db)
-
-
-def _lce_grad_setup(ctx, inputs, output):
-    hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, *_, backend \
-        = inputs
-    _, lse, dh, dw, db = output
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(dh, dw, db)
-    ctx.save_for_backward(hidden, weight, targets, bias, lse, dh, dw, db)
-    ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
-
-
-def _lce_grad_backward(ctx, grad_loss, grad_lse, *_):
-    hidden, weight, targets, bias, lse, dh, dw, db = ctx.saved_tensors
-    if grad_loss is None:
-        dh, dw, db = torch.zeros_like(dh), torch.zeros_like(dw), torch.zeros_like(db)
-    else:
-        dh, dw, db = dh * grad_loss, dw * grad_loss, db * grad_loss
-    if grad_lse is not None:  # rare: the lse itself is in the loss; recompute that part
-        eh, ew, eb = _lce_bwd(None, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
-        dh, dw, db = dh + eh, dw + ew, db + eb
-    return (dh, dw, None, (db if bias is not None else None),
-            None, None, None, None, None, None, None)
-
-
-_lce_fwd_grad.register_autograd(_lce_grad_backward, setup_context=_lce_grad_setup)
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        if grad_loss is None and grad_lse is None:  # neither output was used
+            return (None,) * 11
+        hidden, weight, targets, bias, lse, dh, dw, db = ctx.saved_tensors
+        if grad_loss is None:
+            dh, dw, db = torch.zeros_like(dh), torch.zeros_like(dw), torch.zeros_like(db)
+        else:
+            dh, dw, db = dh * grad_loss, dw * grad_loss, db * grad_loss
+        if grad_lse is not None:  # rare: the lse itself is in the loss; recompute that part
+            if ctx.backend == "torch":
+                eh, ew, eb = _torch_lce_bwd(None, grad_lse, hidden, weight, targets, bias, lse,
+                                            *ctx.args, ctx.memory_budget)
+            else:
+                eh, ew, eb = kernel(ctx.backend, "linear_cross_entropy_bwd", hidden, weight)(
+                    None, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
+            dh, dw, db = dh + eh, dw + ew, db + eb
+        return (dh, dw, None, db if bias is not None else None,
+                None, None, None, None, None, None, None)
 
 
 # ---- public functions ------------------------------------------------------------------------
 
 def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
+    if (type(ignore_index) is int and reduction in REDUCTIONS and label_smoothing == 0.0
+            and z_loss == 0.0 and softcap is None):
+        return  # the defaults: nothing more to look at
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index: expected an int, got {ignore_index!r}")
     check_choice("reduction", reduction, REDUCTIONS)
@@ -293,19 +240,26 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap):
 
 def _check_targets(targets: Tensor, lead_shape, V: int, ignore_index: int, validate: bool,
                    arg: str) -> Tensor:
-    check_tensor("targets", targets, dtypes=INT_DTYPES)
-    if tuple(targets.shape) != tuple(lead_shape):
+    if not (isinstance(targets, Tensor) and targets.dtype in INT_DTYPES):
+        check_tensor("targets", targets, dtypes=INT_DTYPES)
+    if targets.shape != lead_shape:
         raise ValueError(f"targets: expected shape {tuple(lead_shape)} (the leading dims of "
                          f"{arg}), got {tuple(targets.shape)}")
-    targets = targets.reshape(-1).long()
-    # On the CPU the check is free; on a GPU it would cost a host sync, so there it runs only
+    if targets.dim() != 1:
+        targets = targets.reshape(-1)
+    if targets.dtype != torch.int64:
+        targets = targets.long()
+    # On the CPU the check is cheap; on a GPU it would cost a host sync, so there it runs only
     # with validate=True (otherwise those rows give a NaN loss). Never inside torch.compile.
-    if (validate or targets.device.type == "cpu") and not torch.compiler.is_compiling():
-        bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
-        if bool(bad.any()):
-            idx = int(bad.nonzero()[0, 0])
-            raise ValueError(f"targets: expected class indices in [0, {V}) or ignore_index="
-                             f"{ignore_index}; got {int(targets[idx])} at flat index {idx}")
+    if ((validate or targets.device.type == "cpu") and targets.numel()
+            and not torch.compiler.is_compiling()):
+        lo, hi = torch.aminmax(targets)
+        if int(lo) < 0 or int(hi) >= V:  # rare: look closer (ignore_index may be out of range)
+            bad = ((targets < 0) | (targets >= V)) & (targets != ignore_index)
+            if bool(bad.any()):
+                idx = int(bad.nonzero()[0, 0])
+                raise ValueError(f"targets: expected class indices in [0, {V}) or ignore_index="
+                                 f"{ignore_index}; got {int(targets[idx])} at flat index {idx}")
     return targets
 
 
@@ -319,15 +273,19 @@ def _finish(loss_rows, lse, targets, lead_shape, ignore_index, reduction, return
 
 def _plan_ce(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
              z_loss=0.0, softcap=None, return_lse=False, validate=False, backend="auto"):
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
+    if not (isinstance(logits, Tensor) and logits.dtype in FLOAT_DTYPES):
+        check_tensor("logits", logits, dtypes=FLOAT_DTYPES)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits: expected shape (..., V) with V >= 1, got {tuple(logits.shape)}")
-    device = check_same_device(logits=logits, targets=targets)
+    device = logits.device
+    if not (isinstance(targets, Tensor) and targets.device == device):
+        check_same_device(logits=logits, targets=targets)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     t = _check_targets(targets, logits.shape[:-1], logits.shape[-1], ignore_index, validate,
                        "logits")
-    (logits,) = follow_autocast(device, logits)
-    decision = backends.choose("cross_entropy", backend, device, dict(dtype=logits.dtype))
+    if autocast_on():
+        (logits,) = follow_autocast(device, logits)
+    decision = backends.choose("cross_entropy", backend, device, Facts(logits.dtype))
     return decision, logits, t
 
 
@@ -356,43 +314,63 @@ def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
                               validate=validate, backend=backend)
     lead = logits.shape[:-1]
-    x = x.reshape(-1, x.shape[-1])
+    if x.dim() != 2:
+        x = x.reshape(-1, x.shape[-1])
     if x.stride(-1) != 1:
         x = x.contiguous()
-    sc = float(softcap) if softcap is not None else None
+    opts = (ignore_index, float(label_smoothing), float(z_loss),
+            float(softcap) if softcap is not None else None)
     if decision.backend == "torch":
         loss_rows, lse = reference.cross_entropy(
-            x, t, **_opts(ignore_index, float(label_smoothing), float(z_loss), sc))
+            x, t, ignore_index=opts[0], label_smoothing=opts[1], z_loss=opts[2], softcap=opts[3])
+        return _finish(loss_rows, lse, t, lead, ignore_index, reduction, return_lse)
+    if torch.is_grad_enabled() and x.requires_grad:
+        loss, lse = _CrossEntropy.apply(x, t, *opts, reduction, bool(inplace_backward),
+                                        decision.backend)
     else:
-        loss_rows, lse = _ce_fwd(x, t, ignore_index, float(label_smoothing), float(z_loss), sc,
-                                 bool(inplace_backward), decision.backend)
-    return _finish(loss_rows, lse, t, lead, ignore_index, reduction, return_lse)
+        loss_rows, lse = kernel(decision.backend, "cross_entropy_fwd", x)(x, t, *opts)
+        loss, _ = _reduce(loss_rows, t, ignore_index, reduction)
+    return _shape(loss, lse, lead, reduction, return_lse)
+
+
+def _shape(loss, lse, lead, reduction, return_lse):
+    if len(lead) != 1:  # rows back to the leading dims of the input
+        if reduction == "none":
+            loss = loss.view(lead)
+        lse = lse.view(lead)
+    return (loss, lse) if return_lse else loss
 
 
 def _plan_lce(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
               label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False, validate=False,
               memory_budget=None, backend="auto"):
-    check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="(V, D)")
-    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hidden: expected shape (..., {weight.shape[1]}) to match weight "
+    if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)
+            and hidden.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
+            and weight.dim() == 2):
+        check_tensor("hidden", hidden, dtypes=FLOAT_DTYPES)
+        check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, what="(V, D)")
+    V, D = weight.shape
+    if hidden.dim() < 1 or hidden.shape[-1] != D:
+        raise ValueError(f"hidden: expected shape (..., {D}) to match weight "
                          f"(V, D) = {tuple(weight.shape)}, got {tuple(hidden.shape)}")
     if bias is not None:
         check_tensor("bias", bias, ndim=1, dtypes=FLOAT_DTYPES, what="(V,)")
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias: expected shape ({weight.shape[0]},), got "
-                             f"{tuple(bias.shape)}")
+        if bias.shape[0] != V:
+            raise ValueError(f"bias: expected shape ({V},), got {tuple(bias.shape)}")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 0):
         raise ValueError(f"memory_budget: expected None or a number of bytes >= 0, got "
                          f"{memory_budget!r}")
-    device = check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    device = hidden.device
+    if not (weight.device == device and isinstance(targets, Tensor) and targets.device == device
+            and (bias is None or bias.device == device)):
+        check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    t = _check_targets(targets, hidden.shape[:-1], weight.shape[0], ignore_index, validate,
-                       "hidden")
-    hidden, weight, bias = follow_autocast(device, hidden, weight, bias)
-    check_same_dtype(hidden=hidden, weight=weight, bias=bias)
-    decision = backends.choose("linear_cross_entropy", backend, device,
-                               dict(dtype=hidden.dtype))
+    t = _check_targets(targets, hidden.shape[:-1], V, ignore_index, validate, "hidden")
+    if autocast_on():
+        hidden, weight, bias = follow_autocast(device, hidden, weight, bias)
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        check_same_dtype(hidden=hidden, weight=weight, bias=bias)
+    decision = backends.choose("linear_cross_entropy", backend, device, Facts(hidden.dtype))
     return decision, hidden, weight, bias, t
 
 
@@ -418,22 +396,30 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                                      softcap=softcap, validate=validate,
                                      memory_budget=memory_budget, backend=backend)
     lead = hidden.shape[:-1]
-    h = h.reshape(-1, h.shape[-1])
+    if h.dim() != 2:
+        h = h.reshape(-1, h.shape[-1])
     if h.stride(-1) != 1:
         h = h.contiguous()
-    w = w if w.stride(-1) == 1 else w.contiguous()
+    if w.stride(-1) != 1:
+        w = w.contiguous()
     opts = (ignore_index, float(label_smoothing), float(z_loss),
             float(softcap) if softcap is not None else None)
     wants_grad = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad
                                               or (b is not None and b.requires_grad))
-    budgeted = (memory_budget is not None and memory_budget > LEAN_BUDGET
-                and reduction != "none" and wants_grad)
-    if budgeted:
-        loss, lse, *_ = _lce_fwd_grad(h, w, t, b, *opts, reduction, memory_budget,
-                                      decision.backend)
-        return (loss, lse.view(lead)) if return_lse else loss
-    loss_rows, lse = _lce_fwd(h, w, t, b, *opts, decision.backend)
-    return _finish(loss_rows, lse, t, lead, ignore_index, reduction, return_lse)
+    backend = decision.backend
+    if not wants_grad:  # inference: no autograd node, no saved tensors
+        if backend == "torch":
+            loss_rows, lse = _torch_lce_fwd(h, w, t, b, *opts, memory_budget)
+        else:
+            loss_rows, lse = kernel(backend, "linear_cross_entropy_fwd", h, w)(h, w, t, b, *opts)
+        loss, _ = _reduce(loss_rows, t, ignore_index, reduction)
+    elif memory_budget is not None and memory_budget > LEAN_BUDGET and reduction != "none":
+        loss, lse = _LinearCrossEntropyBudgeted.apply(h, w, t, b, *opts, reduction,
+                                                      memory_budget, backend)
+    else:
+        loss, lse = _LinearCrossEntropy.apply(h, w, t, b, *opts, reduction, memory_budget,
+                                              backend)
+    return _shape(loss, lse, lead, reduction, return_lse)
 
 
 backends.register_planner("cross_entropy", lambda *a, **kw: _plan_ce(*a, **kw)[0])
