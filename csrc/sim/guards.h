@@ -19,8 +19,13 @@ class Guards {
   at::Tensor input(const at::Tensor& t, const std::string& name) { return place(t, name, true); }
 
   // A NaN-filled contiguous tensor inside guard bands (no gaps: kernels may assume the layout).
+  // It is returned as a tensor of its own storage (offset 0, as a fresh allocation would be),
+  // which keeps the banded buffer alive.
   at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, const std::string& name) {
-    return place(at::empty(sizes, opts), name, false);
+    at::Tensor view = place(at::empty(sizes, opts), name, false);
+    at::Tensor buf = bands_.back().buf;
+    return at::from_blob(view.data_ptr(), view.sizes(), view.strides(),
+                         [buf](void*) mutable { buf.reset(); }, view.options());
   }
 
   // Checks every band; throws naming the tensor whose surroundings changed.
