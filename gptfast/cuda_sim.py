@@ -65,6 +65,9 @@ def csrc_dir() -> Path:
     return path
 
 
+FALLBACK_INCLUDES = [Path("/usr/local/cuda/include")]
+
+
 def cuda_include_dir() -> Path:
     """The CUDA toolkit's include folder (its headers work in host code; the pip wheels'
     nvidia/*/include lack crt/host_defines.h)."""
@@ -72,7 +75,7 @@ def cuda_include_dir() -> Path:
     for env in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(env):
             looked.append(Path(os.environ[env]) / "include")
-    looked.append(Path("/usr/local/cuda/include"))
+    looked += FALLBACK_INCLUDES
     for inc in looked:
         if (inc / "cuda_bf16.h").exists() and (inc / "crt" / "host_defines.h").exists():
             return inc

@@ -12,8 +12,9 @@ with its own timeout (a slow stage costs only itself), each writing its results 
   build     csrc/ -> gptfast._C with `make build-cuda` (nvcc, sm_80 + sm_90a, MAX_JOBS = all
             cores), the same target `make test` uses; skipped when csrc/ has no sources
   pytest    `pytest -m gpu` -> pass/fail/skip counts from its junit xml
-  train     a short training run of the demo model, counting kernel launches (proof that the
-            fused ops run inside the model) and recording gptfast.explain's decisions
+  train     a short training run of the demo model, counting kernel launches, Triton's and the
+            CUDA module's (proof that the fused ops run inside the model) and recording
+            gptfast.explain's decisions
   bench-*   the four benchmarks in quick mode
 
 Outputs in $OUT (else gpu-check-out/): summary.md, results.json (every number, commit, kernel
@@ -449,7 +450,12 @@ def train_probe(path: Path, device: str) -> int:
             counters[mod] = __import__(f"gptfast.kernels.{mod}", fromlist=["LAUNCHES"]).LAUNCHES
         except Exception as e:  # noqa: BLE001
             print(f"no launch counter for {mod}: {e}")
-    before = {m: dict(c) for m, c in counters.items()}
+    # The CUDA C++ kernels count their op calls (gptfast._C.launch_counts()); "auto" picks them
+    # over Triton where they support the inputs (linear cross-entropy in bf16, for one).
+    cuda_ext = gptfast.ops.backends.cuda_extension()
+    if getattr(cuda_ext, "launch_counts", None) is not None:
+        counters["cuda"] = cuda_ext.launch_counts
+    before = {m: dict(c() if callable(c) else c) for m, c in counters.items()}
     cuda = device == "cuda"
     if not cuda:
         torch.set_num_threads(1)   # a shared CPU: multi-threaded barriers cost whole quanta
@@ -461,7 +467,7 @@ def train_probe(path: Path, device: str) -> int:
                           progress=False, plot=False, warmup=5)
         summary = train(cfg)
     launches = {f"{m}.{k}": v - before[m].get(k, 0) for m, c in counters.items()
-                for k, v in c.items()}
+                for k, v in (c() if callable(c) else c).items()}
     # What the model's own calls decide, on its shapes (bf16 as under autocast on a GPU).
     from gptfast.model import get_config
     c = get_config(preset)
@@ -478,7 +484,8 @@ def train_probe(path: Path, device: str) -> int:
     if cuda:
         fused = (launches.get("attention.attention_fwd", 0) > 0
                  and launches.get("attention.attention_bwd", 0) > 0
-                 and launches.get("cross_entropy.lce_fwd", 0) > 0)
+                 and (launches.get("cross_entropy.lce_fwd", 0) > 0
+                      or launches.get("cuda.cuda_linear_cross_entropy_fwd", 0) > 0))
     info = {"preset": preset, "device": device, "summary": summary, "launches": launches,
             "explain": explain, "fused_ops_ran": fused}
     path.write_text(json.dumps(info, indent=1, default=str))

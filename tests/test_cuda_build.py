@@ -70,3 +70,28 @@ def test_gpu_check_budgets_fit_a_build_and_five_minutes():
     own = dict((n, t) for n, t, _ in gpu_check.STAGES)
     assert own["build"] >= 120
     assert gpu_check.parse_args([]).budget >= own["env"] + own["install"] + own["build"]
+
+
+def test_cpu_layer_without_toolkit_headers_fails_loudly(monkeypatch, tmp_path):
+    """No CUDA headers: the layer raises (and backend="cuda" says why); tests never skip."""
+    import pytest
+    import torch
+
+    import gptfast
+    from gptfast import cuda_sim
+    from gptfast.ops import backends
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(cuda_sim, "FALLBACK_INCLUDES", [])
+    with pytest.raises(RuntimeError, match="needs the CUDA toolkit's headers"):
+        cuda_sim.cuda_include_dir()
+
+    def broken():
+        raise RuntimeError("the CUDA sim layer needs the CUDA toolkit's headers (test)")
+    monkeypatch.setattr(cuda_sim, "load", broken)
+    monkeypatch.setattr(backends, "_cuda_sim_module", None)
+    monkeypatch.setattr(backends, "_CUDA_SIM", True)
+    monkeypatch.setattr(backends, "_DECISIONS", {})
+    x, t = torch.randn(3, 10), torch.randint(0, 10, (3,))
+    with pytest.raises(gptfast.BackendError, match="failed to build or load.*headers"):
+        gptfast.cross_entropy(x, t, backend="cuda")
