@@ -257,19 +257,34 @@ class Check:
             return {"status": "skipped", "note": f"dry run: {len(sources)} sources not built"}
         jobs = str(os.cpu_count() or 8)
         env_jobs = dict(self.env, MAX_JOBS=jobs)
+        # The GPU tests compare the hardware with the CPU execution layer: build that too (g++,
+        # torch.utils.cpp_extension), at the same time as nvcc builds the extension.
+        sim_log = open(self.logs / "build-cuda-sim.log", "w")
+        sim = subprocess.Popen([self.py, "-c", "from gptfast import cuda_sim; print(cuda_sim.load())"],
+                               cwd=REPO, env=env_jobs, stdout=sim_log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        t0 = time.monotonic()
         if shutil.which("make"):
             cmd = ["make", "--no-print-directory", "build-cuda", f"BUILD_PY={self.py}",
                    f"MAX_JOBS={jobs}"]
         else:
             cmd = [self.py, "setup.py", "build_ext", "--inplace"]
         r = run_cmd(cmd, self.logs / "build.log", timeout - 10, env_jobs)
+        try:
+            sim_rc = sim.wait(timeout=max(1.0, timeout - 5 - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            os.killpg(sim.pid, signal.SIGKILL)
+            sim.wait()
+            sim_rc = None
+        sim_log.close()
         if self.results["stages"].get("install", {}).get("note", "").count("shadow"):
             self.shadow_package()      # pick up the freshly built gptfast/_C*.so
         v = run_cmd([self.py, "-c", "import gptfast._C as m; print(m.__file__)"],
                     self.logs / "build.log", 30, self.env, cwd=Path(tempfile.gettempdir()))
-        return {"status": self.status_of(r, v["rc"] == 0), **r,
+        sim_note = {0: "ok", None: "TIMED OUT"}.get(sim_rc, "FAILED")
+        return {"status": self.status_of(r, v["rc"] == 0 and sim_rc == 0), **r,
                 "note": f"{len(sources)} sources; import gptfast._C "
-                        + ("ok" if v["rc"] == 0 else "FAILED")}
+                        + ("ok" if v["rc"] == 0 else "FAILED") + f"; CPU layer {sim_note}"}
 
     def pytest_stage(self, timeout: float) -> dict:
         junit = self.work / "junit.xml"

@@ -91,7 +91,7 @@ def test_reductions(gpu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("V", [1000, 50257])
 def test_row_kernels_on_the_gpu(gpu, dtype, V):
-    N = 64
+    N = 64 if V <= 4096 else 16  # the CPU layer runs the same launch: keep it a few seconds
     x = (torch.randn(N, V) * 3).to(dtype)
     t = torch.randint(0, V, (N,))
     t[::7] = IGNORE
