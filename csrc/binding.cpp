@@ -406,7 +406,7 @@ std::tuple<Tensor, Tensor> linear_cross_entropy_fwd(const Tensor& hidden, const 
 //   neither                                 -> a dhidden pass over row windows, then a dweight
 //                                              pass over vocabulary windows (logits recomputed
 //                                              twice: 8 N D V FLOPs instead of 6).
-void linear_backward_windows(const char* op, Io& io, const LinearInputs& in, gf::ce::LinearParams p,
+void linear_backward_windows(Io& io, const LinearInputs& in, gf::ce::LinearParams p,
                              const Tensor& dh, const Tensor& dw, const Tensor& db,
                              const LaunchCtx& ctx) {
   const int64_t N = p.N, V = p.V, D = p.D;
@@ -494,7 +494,6 @@ void linear_backward_windows(const char* op, Io& io, const LinearInputs& in, gf:
       flush_vocab(v);
     }
   }
-  (void)op;
 }
 
 // gptfast::cuda_linear_cross_entropy_bwd: (dhidden, dweight, dbias or an empty tensor).
@@ -532,7 +531,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
   Tensor dw = io.out(weight.sizes(), weight.options(), "dweight");
   Tensor db = in.b.defined() ? io.out(in.b.sizes(), in.b.options(), "dbias") : Tensor();
   if (n > 0) {
-    linear_backward_windows(op, io, in, p, dh, dw, db, ctx);
+    linear_backward_windows(io, in, p, dh, dw, db, ctx);
   } else {
     dw.zero_();
     if (db.defined()) db.zero_();

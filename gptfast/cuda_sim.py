@@ -31,7 +31,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 ENV = "GPTFAST_CUDA_SIM"
 SANITIZE_ENV = "GPTFAST_CUDA_SIM_SANITIZE"
@@ -187,6 +187,3 @@ def stats() -> dict:
 def reset_stats() -> None:
     load().reset_stats()
 
-
-def default_workers() -> Optional[int]:
-    return max(1, min(4, os.cpu_count() or 1))
