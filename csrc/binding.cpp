@@ -446,8 +446,17 @@ void linear_backward_windows(Io& io, const LinearInputs& in, gf::ce::LinearParam
   Tensor dw32 = io.out({max_vocab, D}, f32, "dweight accumulator");
   Tensor db32 = db.defined() ? io.out({max_vocab}, f32, "dbias accumulator") : Tensor();
 
-  auto flush_rows = [&](const Window& r) {  // rows in `order` positions -> dh rows
-    dh.index_copy_(0, in.order.narrow(0, r.start, r.count), dh32.narrow(0, 0, r.count).to(dh.scalar_type()));
+  // Rows in `order` positions -> dh rows, in slices: the 16-bit temporary index_copy_ needs stays
+  // within 4 MiB, so the peak is the accumulators plus that (dw's copy_ converts in place).
+  // (An eighth of the scratch budget when that is smaller: the tests' tiny budgets use slices.)
+  const int64_t slice_bytes = std::min<int64_t>(int64_t(4) << 20, budget / 8);
+  const int64_t slice = std::max<int64_t>(1, slice_bytes / (D * int64_t(dh.element_size())));
+  auto flush_rows = [&](const Window& r) {
+    for (int64_t s = 0; s < r.count; s += slice) {
+      const int64_t n = std::min(slice, r.count - s);
+      dh.index_copy_(0, in.order.narrow(0, r.start + s, n),
+                     dh32.narrow(0, s, n).to(dh.scalar_type()));
+    }
   };
   auto flush_vocab = [&](const Window& v) {
     dw.narrow(0, v.start, v.count).copy_(dw32.narrow(0, 0, v.count));

@@ -31,8 +31,10 @@ struct LinearTile {
 };
 inline constexpr LinearTile kLinearTile{64, 64, 32, 4, 3};
 
-// fp32 scratch the lean backward may hold for its accumulators (dhidden and dweight windows),
-// below the 64 MiB the schedule promises beyond the gradients.
+// fp32 scratch the lean backward may hold for its accumulators (dhidden and dweight windows).
+// With the 4 MiB slices in which dhidden is scattered back, the forward's partials (16 bytes per
+// row and vocabulary split) and the row order (8 bytes per row), the working set stays under the
+// 64 MiB the lean schedule promises beyond the gradients.
 inline constexpr int64_t kLinearScratchBytes = int64_t(48) << 20;
 
 }  // namespace gf::ce
