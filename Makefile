@@ -18,8 +18,9 @@ BUDGET_attention_kernel ?= 1200
 BUDGET_ce_kernel        ?= 600
 BUDGET_static_check     ?= 300
 # The CUDA C++ kernels on the CPU execution layer (gptfast/cuda_sim.py); cold, the budgets include
-# compiling the layer (g++ JIT, ~2 min; plus ~1 min of nvcc for the resource table) and its
-# ASan + UBSan build (~4-5 min).
+# compiling the layer (g++ JIT; plus nvcc for the resource table) and its ASan + UBSan build.
+# Measured cold on the 2-core machine: 95 s and 169 s (load ~2.5); 59 s (built earlier) and
+# 532 s (load ~5).
 BUDGET_cuda_sim         ?= 600
 BUDGET_cuda_sanitize    ?= 900
 # The sanitizer suite runs in its own process with the ASan runtime preloaded (an ASan-built
