@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 # in pyproject.toml) with its own time budget in seconds (wall clock, 2 cores, cold caches); a
 # suite that outgrows its budget fails instead of slowing CI down unnoticed. The "unit" suite is
 # every test that carries none of the other markers (and is not a GPU test).
-SUITES := unit attention_kernel ce_kernel static_check cuda_sim cuda_sanitize
+SUITES := unit attention_kernel ce_kernel static_check hf cuda_sim cuda_sanitize
 BUDGET_unit             ?= 600
 BUDGET_attention_kernel ?= 1200
 BUDGET_ce_kernel        ?= 600
 BUDGET_static_check     ?= 300
+BUDGET_hf               ?= 300
 # The CUDA C++ kernels on the CPU execution layer (gptfast/cuda_sim.py); cold, the budgets include
 # compiling the layer (g++ JIT; plus nvcc for the resource table) and its ASan + UBSan build.
 # Measured cold on the 2-core machine: 95 s and 169 s (load ~2.5); 59 s (built earlier) and
@@ -32,13 +33,13 @@ empty :=
 space := $(empty) $(empty)
 MARK_unit := not ($(subst $(space), or ,$(OTHER_MARKERS)))
 
-.PHONY: install test test-fast demo gpu-check bench bench-host clean build-cuda $(addprefix test-,$(SUITES))
+.PHONY: install test test-fast demo gpu-check bench bench-host static-table clean build-cuda $(addprefix test-,$(SUITES))
 
 # Installing never waits on nvcc (GPTFAST_SKIP_CUDA_BUILD=1): `make build-cuda` builds csrc/.
 $(STAMP): setup.py pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q "torch>=2.6"
-	GPTFAST_SKIP_CUDA_BUILD=1 $(VPY) -m pip install -q --no-build-isolation -e ".[dev]"
+	GPTFAST_SKIP_CUDA_BUILD=1 $(VPY) -m pip install -q --no-build-isolation -e ".[dev,hf]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -83,6 +84,17 @@ bench: install
 # Host cost per call against PyTorch's own ops (pytest-benchmark); writes benchmarks/results/host/.
 bench-host: install
 	$(VPY) -m pytest -q -s -p no:cacheprovider benchmarks/bench_host.py
+
+# The static kernel table (benchmarks/results/static/triton-<version>.{json,md}): every Triton
+# kernel compiled as the GPU runtime compiles it, for sm_90a and sm_80, without a GPU; once with
+# the venv's Triton and once with the GPU machines' Triton ($(SIDE_TRITON), pip-installed into
+# .cache/ and put first on PYTHONPATH; torch stays the venv's).
+SIDE_TRITON ?= 3.6.0
+SIDE_DIR    := .cache/triton-$(SIDE_TRITON)
+static-table: install
+	$(VPY) scripts/static_table.py
+	test -d $(SIDE_DIR)/triton || $(VPY) -m pip install -q --no-deps --target $(SIDE_DIR) triton==$(SIDE_TRITON)
+	PYTHONPATH=$(SIDE_DIR) $(VPY) scripts/static_table.py
 
 # One call on a GPU machine (PyTorch, Triton, nvcc preinstalled, no network): installs in place
 # without dependencies, builds csrc/, runs the GPU tests, a short training run, quick benchmarks.

@@ -134,10 +134,13 @@ def measure(run: harness.Run, name: str, fn: Callable, B: int, H: int, S: int, d
         del out
         q.grad = k.grad = v.grad = None
 
-        def step():
+        def clear_grads():
             q.grad = k.grad = v.grad = None
+
+        def step():
+            clear_grads()
             fn(q, k, v).backward(dout)
-        row["peak_mem_bytes"] = run.peak_bytes(step)
+        row["peak_mem_bytes"] = run.peak_bytes(step, setup=clear_grads)  # grads counted
     except Exception as e:  # noqa: BLE001 - a failing peer is a row with its error
         row["error"] = "out of memory" if harness.is_oom(e) else harness.error_text(e)
     finally:

@@ -125,15 +125,18 @@ def measure(run: harness.Run, label: str, name: str, fn: Callable, N: int, D: in
     w = (torch.randn(V, D, device=run.device, generator=gen) * 0.05).to(dtype).requires_grad_()
     t = torch.randint(0, V, (N,), device=run.device, generator=gen)
 
+    def clear_grads():
+        h.grad = w.grad = None
+
     def step():
-        h.grad = w.grad = None          # each step allocates its gradients, as in training
+        clear_grads()                   # each step allocates its gradients, as in training
         fn(h, w, t).backward()
     try:
         row["loss"] = float(fn(h, w, t).detach())       # also the first call (compiles)
         row["ms"] = run.time_ms(step)
         row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
         row["roofline_fraction"] = (flops / (matmul_tflops * 1e12) * 1e3) / row["ms"]
-        row["peak_mem_bytes"] = run.peak_bytes(step)
+        row["peak_mem_bytes"] = run.peak_bytes(step, setup=clear_grads)  # grads counted
     except Exception as e:  # noqa: BLE001 - a failing peer is a row with its error
         row["error"] = "out of memory" if harness.is_oom(e) else harness.error_text(e)
     finally:

@@ -49,7 +49,8 @@ def parse_args(name: str, argv: Optional[Sequence[str]] = None) -> argparse.Name
     p.add_argument("--tiny", action="store_true",
                    help="tiny shapes for the test suite (also GPTFAST_BENCH_TINY=1)")
     p.add_argument("--out", default=None,
-                   help="output folder (default benchmarks/results/<device-slug>/)")
+                   help="output folder (default benchmarks/results/<device-slug>/ in a source "
+                        "checkout, else ./gptfast-bench/<device-slug>/)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     a = p.parse_args(argv)
     a.tiny = a.tiny or os.environ.get("GPTFAST_BENCH_TINY", "0") == "1"
@@ -58,6 +59,14 @@ def parse_args(name: str, argv: Optional[Sequence[str]] = None) -> argparse.Name
 
 
 # ---- environment facts --------------------------------------------------------------------------
+
+def default_out_dir(slug: str) -> Path:
+    """benchmarks/results/<slug>/ in a source checkout; ./gptfast-bench/<slug>/ when the
+    benchmarks run from an installed package (never inside site-packages)."""
+    if (REPO / "setup.py").is_file() and (REPO / "benchmarks" / "harness.py").is_file():
+        return REPO / "benchmarks" / "results" / slug
+    return Path.cwd() / "gptfast-bench" / slug
+
 
 def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
@@ -135,9 +144,16 @@ def _malloc_in_use() -> Optional[Callable[[], int]]:
     return in_use
 
 
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
-    """Peak bytes allocated above what was allocated when fn() started, during one call."""
+def peak_bytes(fn: Callable[[], object], device: torch.device,
+               setup: Optional[Callable[[], object]] = None) -> Optional[int]:
+    """Peak bytes allocated above what was allocated when fn() started, during one call.
+
+    setup() runs before each measured call, outside the measurement: clear there the
+    gradients a previous call left, or the call's own gradients replace them unseen and the
+    peak leaves them out."""
+    setup = setup or (lambda: None)
     if device.type == "cuda":
+        setup()
         _sync(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
@@ -148,8 +164,12 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
     if in_use is None:
         return None
     # Sampling can miss a short-lived buffer; the peak is a maximum, so take it over a few
-    # calls (fn must start from the same state each time, e.g. clear the grads it creates).
-    return max(_sampled_peak(fn, in_use) for _ in range(3))
+    # calls (each starting from the same state).
+    peaks = []
+    for _ in range(3):
+        setup()
+        peaks.append(_sampled_peak(fn, in_use))
+    return max(peaks)
 
 
 def _sampled_peak(fn: Callable[[], object], in_use: Callable[[], int]) -> int:
@@ -271,12 +291,13 @@ class Run:
         self.is_cuda = self.device.type == "cuda"
         self.quick, self.tiny = args.quick, args.tiny
         self.slug = device_slug(self.device)
-        self.out_dir = Path(args.out) if args.out else REPO / "benchmarks" / "results" / self.slug
+        self.out_dir = Path(args.out) if args.out else default_out_dir(self.slug)
         self.rows: List[dict] = []
         self.goals: List[dict] = []
         self.missing_peers: List[dict] = []
         self.skipped: List[dict] = []
         self.config: dict = {}
+        self.timer: Optional[str] = None     # a script that times otherwise says how
         self.started = time.time()
         if self.is_cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -295,8 +316,8 @@ class Run:
     def time_ms(self, fn, grad_to_none=None) -> float:
         return time_ms(fn, self.device, quick=self.quick, grad_to_none=grad_to_none)
 
-    def peak_bytes(self, fn) -> Optional[int]:
-        return peak_bytes(fn, self.device)
+    def peak_bytes(self, fn, setup=None) -> Optional[int]:
+        return peak_bytes(fn, self.device, setup)
 
     def sync(self) -> None:
         _sync(self.device)
@@ -338,8 +359,8 @@ class Run:
             "versions": versions(),
             "git": git_info(),
             "kernel_hash": kernel_hash(),
-            "timer": ("triton.testing.do_bench median (CUDA events)" if self.is_cuda
-                      else "time.perf_counter median"),
+            "timer": self.timer or ("triton.testing.do_bench median (CUDA events)"
+                                    if self.is_cuda else "time.perf_counter median"),
             "ceilings": self.ceilings,
             "config": self.config,
             "rows": self.rows,

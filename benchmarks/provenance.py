@@ -38,6 +38,8 @@ def git_info(root: Path = REPO) -> dict:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               timeout=10)
     try:
+        if not (root / ".git").exists():  # an installed copy (site-packages may sit in a repo)
+            raise OSError("not a git checkout")
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             raise OSError(head.stderr.strip())

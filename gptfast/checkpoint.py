@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, BinaryIO, Callable, Dict, Union
 
 import torch
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "CheckpointError", "atomic_write", "save_checkpoint",
+           "load_checkpoint"]
 
 FORMAT_NAME = "gptfast"
 FORMAT_VERSION = 1
@@ -47,18 +48,16 @@ def _umask() -> int:
     return mask
 
 
-def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> Path:
-    """Atomically write ``state`` (plus format name/version) to ``path``; returns the path."""
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it and ``os.replace`` it over
+    ``path``: ``path`` is always the old file or the complete new one. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = dict(state)
-    payload["format"] = FORMAT_NAME
-    payload["format_version"] = FORMAT_VERSION
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -70,6 +69,14 @@ def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> Pat
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def save_checkpoint(path: Union[str, os.PathLike], state: Dict[str, Any]) -> Path:
+    """Atomically write ``state`` (plus format name/version) to ``path``; returns the path."""
+    payload = dict(state)
+    payload["format"] = FORMAT_NAME
+    payload["format_version"] = FORMAT_VERSION
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> Dict[str, Any]:

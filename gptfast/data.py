@@ -25,6 +25,7 @@ __all__ = [
     "fixed_batches",
     "unigram_baseline",
     "get_tokenizer",
+    "tokenizer_state",
 ]
 
 
@@ -70,10 +71,20 @@ class ByteTokenizer:
         return "ByteTokenizer(vocab_size=259, BOS=256, EOS=257, PAD=258)"
 
 
-def get_tokenizer(kind: str = "byte") -> ByteTokenizer:
-    if kind != "byte":
-        raise ValueError(f"unknown tokenizer kind {kind!r} (only 'byte' is supported)")
-    return ByteTokenizer()
+def get_tokenizer(kind: str = "byte", state: Optional[dict] = None):
+    """The tokenizer a checkpoint names: "byte", or "hf" (a Hugging Face tokenizer, rebuilt
+    from the `state` the checkpoint carries: see tokenizer_state)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf" and isinstance(state, dict) and "json" in state:
+        from .hf.tokenizer import HFTokenizer
+        return HFTokenizer.from_state(state)
+    raise ValueError(f"unknown tokenizer kind {kind!r} (expected 'byte', or 'hf' with its state)")
+
+
+def tokenizer_state(tok) -> Optional[dict]:
+    """What a checkpoint stores besides `tok.kind` to rebuild `tok` (None for bytes)."""
+    return tok.state() if hasattr(tok, "state") else None
 
 
 # --------------------------------------------------------------------------------------
@@ -117,23 +128,35 @@ def _is_val(rel: str, val_fraction: float) -> bool:
     return (zlib.crc32(rel.encode("utf-8")) % 10_000) < round(val_fraction * 10_000)
 
 
-def _doc_tokens(data: bytes) -> torch.Tensor:
-    """BOS + bytes + EOS as an int16 tensor (all ids < 259 fit)."""
-    out = torch.empty(len(data) + 2, dtype=torch.int16)
-    out[0] = ByteTokenizer.BOS
-    out[-1] = ByteTokenizer.EOS
-    if data:
-        out[1:-1] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16)
-    return out
+def _id_dtype(tok) -> torch.dtype:
+    """The narrowest integer type of the token streams: int16 below 32768 ids (bytes)."""
+    return torch.int16 if tok.vocab_size <= 2 ** 15 else torch.int32
 
 
-def _cat(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(list(chunks)) if chunks else torch.empty(0, dtype=torch.int16)
+def _doc_tokens(data: bytes, tok=None) -> torch.Tensor:
+    """One document's ids. Bytes: BOS + bytes + EOS (int16). Another tokenizer (e.g. a Hugging
+    Face one, gptfast.hf.load_tokenizer): its ids for the UTF-8 text, then EOS; BOS first only
+    when it has one distinct from EOS (GPT-2 separates documents with <|endoftext|> alone)."""
+    if tok is None or tok.kind == "byte":
+        out = torch.empty(len(data) + 2, dtype=torch.int16)
+        out[0] = ByteTokenizer.BOS
+        out[-1] = ByteTokenizer.EOS
+        if data:
+            out[1:-1] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int16)
+        return out
+    bos = tok.bos_id is not None and tok.bos_id != tok.eos_id
+    ids = tok.encode(data.decode("utf-8", errors="replace"), bos=bos, eos=tok.eos_id is not None)
+    return torch.tensor(ids, dtype=_id_dtype(tok))
+
+
+def _cat(chunks: Sequence[torch.Tensor], dtype: torch.dtype = torch.int16) -> torch.Tensor:
+    return torch.cat(list(chunks)) if chunks else torch.empty(0, dtype=dtype)
 
 
 @dataclass
 class Corpus:
-    """Token streams (1-D int16 tensors of ids) for training and validation."""
+    """Token streams (1-D int16 tensors of ids; int32 for vocabularies over 32768) for training
+    and validation."""
 
     train: torch.Tensor
     val: torch.Tensor
@@ -158,7 +181,7 @@ def load_corpus(
     *,
     max_bytes: Optional[int] = None,
     val_fraction: float = 0.05,
-    tokenizer: Optional[ByteTokenizer] = None,
+    tokenizer=None,
 ) -> Corpus:
     """Load a corpus as BOS…EOS-wrapped documents and split it deterministically.
 
@@ -167,7 +190,8 @@ def load_corpus(
     Documents go to validation when a stable CRC32 hash of their relative path falls in the
     ``val_fraction`` bucket (at least one document when there are two or more); a single document
     is split by position instead (its last ``val_fraction`` of tokens). ``max_bytes`` caps the total
-    text read, with ~``val_fraction`` of the budget for validation.
+    text read, with ~``val_fraction`` of the budget for validation. ``tokenizer``: the byte-level
+    one by default, or any with its interface (``gptfast.hf.load_tokenizer``).
     """
     tok = tokenizer or ByteTokenizer()
     if not 0.0 < val_fraction < 1.0:
@@ -202,6 +226,7 @@ def load_corpus(
     train_chunks: List[torch.Tensor] = []
     val_chunks: List[torch.Tensor] = []
     used = {True: 0, False: 0}
+    n_text = 0  # bytes of text read
     budget = {True: budget_val, False: budget_train}
     for f, v in zip(files, is_val):
         b = budget[v]
@@ -215,7 +240,8 @@ def load_corpus(
                 raw = raw[: int(max_bytes)]
             if not raw:
                 break
-            toks = _doc_tokens(raw)
+            n_text += len(raw)
+            toks = _doc_tokens(raw, tok)
             n_val = max(1, int(len(toks) * val_fraction))
             train_chunks.append(toks[:-n_val].clone())
             val_chunks.append(toks[-n_val:].clone())
@@ -225,15 +251,15 @@ def load_corpus(
         if not raw:
             continue
         used[v] += len(raw)
-        (val_chunks if v else train_chunks).append(_doc_tokens(raw))
+        n_text += len(raw)
+        (val_chunks if v else train_chunks).append(_doc_tokens(raw, tok))
 
-    n_bytes = sum(len(c) - 2 for c in train_chunks + val_chunks)
-    if n_bytes <= 0 or not train_chunks:
+    if n_text == 0 or not train_chunks:
         raise ValueError(f"empty corpus: {source} contains no text")
     single = len(files) == 1
     return Corpus(
-        train=_cat(train_chunks),
-        val=_cat(val_chunks),
+        train=_cat(train_chunks, _id_dtype(tok)),
+        val=_cat(val_chunks, _id_dtype(tok)),
         source=source,
         n_train_docs=1 if single else len(train_chunks),
         n_val_docs=1 if single else len(val_chunks),

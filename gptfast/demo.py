@@ -1,14 +1,14 @@
 """End-to-end demo: train the ``demo`` preset on the Python standard library's sources, compare the
 validation loss with a unigram baseline, and sample some code.
 
-    python -m gptfast.demo            # or: gptfast demo / make demo
+    python -m gptfast.demo [--steps N] [--out DIR] ...   # or: gptfast demo ... / make demo
 
 A few minutes on a 2-core CPU; on a CUDA machine the same command trains on the GPU with bf16
-autocast and the fused gptfast kernels. Writes runs/demo/{ckpt.pt, log.json, loss.png}.
+autocast and the fused gptfast kernels. Writes OUT/{ckpt.pt, log.json, loss.png} (default
+runs/demo). Options: `gptfast demo --help`; bad values get the command line's one-line errors.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from typing import List, Optional
@@ -28,29 +28,13 @@ DEFAULTS = dict(
 )
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gptfast.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
-    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--prompt", default="def ")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the idle cores, judged by the load average)")
-    p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-
+def run(a, device: torch.device) -> int:
+    """The demo for parsed options `a` (see gptfast.cli.add_demo_arguments)."""
     t_start = time.perf_counter()
     from .generate import generate
-    from .train import TrainConfig, auto_threads, load_model, resolve_device, train
+    from .train import TrainConfig, load_model, train
 
-    device = resolve_device(a.device)
-    if device.type == "cpu":
-        torch.set_num_threads(a.threads or auto_threads())
     print(f"gptfast demo: device={device}" + (f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""))
-
     cfg = TrainConfig(
         preset=DEFAULTS["preset"],
         block_size=DEFAULTS["block_size"],
@@ -59,10 +43,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         steps=a.steps,
         batch_size=a.batch_size,
         lr=DEFAULTS["lr"],
-        warmup=DEFAULTS["warmup"],
-        eval_every=DEFAULTS["eval_every"],
+        warmup=min(DEFAULTS["warmup"], a.steps),
+        eval_every=min(DEFAULTS["eval_every"], a.steps),
         eval_batches=DEFAULTS["eval_batches"],
-        log_every=10,
+        log_every=min(10, a.steps),
         out_dir=a.out,
         device=str(device),
         seed=a.seed,
@@ -92,6 +76,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"wrote {a.out}/ckpt.pt, {a.out}/log.json, {a.out}/loss.png")
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python -m gptfast.demo ARGS` is `gptfast demo ARGS`."""
+    from .cli import main as cli_main
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

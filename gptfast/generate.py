@@ -151,11 +151,12 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     ValueError). use_cache=False re-runs the whole sequence each step (same result, slower).
     """
     _check_prompt(model, idx, max_new_tokens)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
+    if top_p is not None and not 0.0 < top_p <= 1.0:  # also refuses NaN
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
     B, T = idx.shape
     total = T + max_new_tokens
@@ -220,6 +221,8 @@ def beam_search(model, idx: torch.Tensor, max_new_tokens: int, num_beams: int, *
         raise ValueError(f"beam_search takes one prompt, idx must be (1, T), got {tuple(idx.shape)}")
     if not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    if not (isinstance(length_penalty, (int, float)) and math.isfinite(length_penalty)):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
     if max_new_tokens == 0:
         return idx.clone(), 0.0
     nb, T, device = num_beams, idx.size(1), idx.device

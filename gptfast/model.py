@@ -1,7 +1,8 @@
 """A small, readable GPT built on the fused gptfast ops (nanoGPT style: one flat file).
 
     GPTConfig / PRESETS / get_config / count_params    -- configuration and parameter counts
-    GPT                                                -- the decoder (GPT-1, GPT-2, GPT-3 shapes)
+    alibi_slopes                                       -- ALiBi's per-head slopes (BLOOM)
+    GPT                                                -- the decoder (GPT-1, GPT-2, GPT-3, BLOOM shapes)
     shift_targets / scheduled_sampling_inputs          -- training helpers
     GPTForSequenceClassification                       -- fine-tuning head
     param_groups                                       -- AdamW parameter groups
@@ -26,8 +27,9 @@ import torch.nn.functional as F
 import gptfast  # gptfast.attention / gptfast.linear_cross_entropy are looked up at call time
 
 __all__ = [
-    "GPTConfig", "PRESETS", "get_config", "count_params", "GPT", "shift_targets",
+    "GPTConfig", "PRESETS", "get_config", "count_params", "alibi_slopes", "GPT", "shift_targets",
     "scheduled_sampling_inputs", "GPTForSequenceClassification", "param_groups",
+    "explain_paths",
 ]
 
 
@@ -35,7 +37,7 @@ __all__ = [
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024            # maximum context length (learned positions)
+    block_size: int = 1024            # maximum context length
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
@@ -49,6 +51,8 @@ class GPTConfig:
     final_ln: bool = True             # LayerNorm after the last block (GPT-2/3: yes, GPT-1: no)
     layer_norm_eps: float = 1e-5
     tie_embeddings: bool = True       # the output projection reuses the token embedding
+    position: str = "learned"         # "learned" absolute embeddings (GPT) or "alibi" biases (BLOOM)
+    embedding_ln: bool = False        # LayerNorm right after the token embedding (BLOOM)
     backend: str = "auto"             # gptfast op backend: "auto" | "cuda" | "triton" | "torch"
 
     def __post_init__(self):
@@ -74,6 +78,9 @@ class GPTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"GPTConfig.{name} must be in [0, 1), got {value!r}")
+        if self.position not in ("learned", "alibi"):
+            raise ValueError(
+                f"GPTConfig.position must be 'learned' or 'alibi', got {self.position!r}")
         if self.ln_position not in ("pre", "post"):
             raise ValueError(
                 f"GPTConfig.ln_position must be 'pre' or 'post', got {self.ln_position!r}")
@@ -94,6 +101,10 @@ BYTE_VOCAB_SIZE, BOS_ID, EOS_ID, PAD_ID = 259, 256, 257, 258
 _GPT2 = dict(block_size=1024, vocab_size=50257, ln_position="pre", final_ln=True,
              dropout=0.1, attn_dropout=0.1)
 _GPT3 = dict(block_size=2048, vocab_size=50257, ln_position="pre", final_ln=True)
+# BLOOM (BigScience 2022): ALiBi instead of positions, a LayerNorm after the embedding, 250880
+# tokens. block_size is the training length; ALiBi itself has no maximum.
+_BLOOM = dict(block_size=2048, vocab_size=250880, ln_position="pre", final_ln=True,
+              position="alibi", embedding_ln=True)
 
 PRESETS: dict[str, dict] = {
     # GPT-1 (Radford et al. 2018): post-LN, no final LayerNorm, 40478 BPE tokens.
@@ -117,6 +128,13 @@ PRESETS: dict[str, dict] = {
     "gpt3-6.7b": dict(_GPT3, n_layer=32, n_head=32, n_embd=4096),
     "gpt3-13b": dict(_GPT3, n_layer=40, n_head=40, n_embd=5120),
     "gpt3-175b": dict(_GPT3, n_layer=96, n_head=96, n_embd=12288),
+    # BLOOM (the bigscience/bloom-* checkpoints; gptfast.hf.load_bloom reads them).
+    "bloom-560m": dict(_BLOOM, n_layer=24, n_head=16, n_embd=1024),
+    "bloom-1b1": dict(_BLOOM, n_layer=24, n_head=16, n_embd=1536),
+    "bloom-1b7": dict(_BLOOM, n_layer=24, n_head=16, n_embd=2048),
+    "bloom-3b": dict(_BLOOM, n_layer=30, n_head=32, n_embd=2560),
+    "bloom-7b1": dict(_BLOOM, n_layer=30, n_head=32, n_embd=4096),
+    "bloom-176b": dict(_BLOOM, n_layer=70, n_head=112, n_embd=14336),
     # Small CPU presets on the byte-level vocabulary (256 bytes + BOS/EOS/PAD).
     "tiny": dict(block_size=128, vocab_size=BYTE_VOCAB_SIZE, n_layer=2, n_head=4, n_embd=64),
     # ~0.85M parameters: a few minutes of training on a 2-core CPU.
@@ -146,6 +164,20 @@ def count_params(name_or_config: Union[str, GPTConfig], **overrides) -> int:
     return model.num_params()
 
 
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """(n_head,) fp32 ALiBi slopes (Press et al. 2022), as BLOOM computes them.
+
+    For a power of two n: slope_h = 2^(-8 (h+1) / n), a geometric sequence. Otherwise the n' =
+    largest power of two below n gets that sequence, and the remaining n - n' heads take every
+    other slope of the sequence for 2 n' (the odd powers), so slopes stay interleaved.
+    """
+    def geometric(n):  # 2^(-8/n), 2^(-16/n), ..., 2^(-8)
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+    n = 2 ** math.floor(math.log2(n_head))
+    slopes = geometric(n) + geometric(2 * n)[0::2][: n_head - n]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
 # ----------------------------------------------------------------------------- model
 
 class CausalSelfAttention(nn.Module):
@@ -160,6 +192,9 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.backend = config.backend
         self.resid_dropout = nn.Dropout(config.dropout)
+        # ALiBi: not learned, not saved; GPT._apply keeps them fp32 when the model is cast
+        slopes = alibi_slopes(config.n_head) if config.position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
 
     def forward(self, x, kv_cache=None, key_padding_mask=None):
         B, T, C = x.size()
@@ -174,6 +209,7 @@ class CausalSelfAttention(nn.Module):
             k, v = kv_cache.update(self.layer_idx, k, v)                         # (B, nkv, pos+T, hs)
         # bottom-right aligned causal mask: query i (absolute pos+i) sees keys j <= pos+i
         y = gptfast.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                              alibi_slopes=self.alibi_slopes,
                               dropout_p=self.attn_dropout if self.training else 0.0,
                               backend=self.backend)                              # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)                                   # (B, T, C)
@@ -213,7 +249,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only Transformer with learned absolute positions and (by default) tied embeddings.
+    """Decoder-only Transformer with (by default) tied embeddings and learned absolute positions,
+    or ALiBi and an embedding LayerNorm (config.position == "alibi", BLOOM).
 
     forward(idx, targets=None, *, kv_cache=None, key_padding_mask=None) -> (logits, loss):
       * with targets (B, T): (None, loss); loss = mean next-token cross-entropy over targets
@@ -230,7 +267,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.wpe = (nn.Embedding(config.block_size, config.n_embd)
+                    if config.position == "learned" else None)
+        self.ln_emb = (nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+                       if config.embedding_ln else None)
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.ln_f = (nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
@@ -251,6 +291,15 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() cast buffers too; the ALiBi slopes stay fp32 (the kernels read fp32)
+        super()._apply(fn, recurse)
+        for block in self.h:
+            slopes = block.attn.alibi_slopes
+            if slopes is not None and slopes.dtype != torch.float32:
+                block.attn.alibi_slopes = alibi_slopes(self.config.n_head).to(slopes.device)
+        return self
+
     @property
     def output_weight(self) -> torch.Tensor:
         """(V, C) output projection: the token embedding when tied."""
@@ -258,7 +307,7 @@ class GPT(nn.Module):
 
     def num_params(self, exclude_positions: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())    # parameters() yields shared ones once
-        return n - self.wpe.weight.numel() if exclude_positions else n
+        return n - self.wpe.weight.numel() if exclude_positions and self.wpe is not None else n
 
     def _check_inputs(self, idx, kv_cache, key_padding_mask):
         if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
@@ -282,8 +331,13 @@ class GPT(nn.Module):
         """Final hidden states (B, T, C), after the final LayerNorm when config.final_ln."""
         start = self._check_inputs(idx, kv_cache, key_padding_mask)
         B, T = idx.shape
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)   # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                                # (B, T, C)
+        x = self.wte(idx)                                                           # (B, T, C)
+        if self.wpe is not None:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = x + self.wpe(pos)
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        x = self.drop(x)
         for block in self.h:
             x = block(x, kv_cache, key_padding_mask)                                # (B, T, C)
         if kv_cache is not None:
@@ -397,6 +451,65 @@ class GPTForSequenceClassification(nn.Module):
 
     def loss(self, idx: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self(idx), labels)
+
+
+# ----------------------------------------------------------------------------- which paths run
+
+def explain_paths(model_or_config: Union[str, GPTConfig, "GPT"], *, device=None,
+                  batch_size: int = 1, seq_len: Optional[int] = None, training: bool = True,
+                  dtype: Optional[torch.dtype] = None) -> dict:
+    """Which backend (and, on "torch", which path) the model's attention and loss take here.
+
+    Returns {"attention": Decision, "linear_cross_entropy": Decision} for a training step
+    (training=True: gradients, dropout as configured) or a decoding forward (no gradients,
+    the loss op's entry describes the prompt's loss). device: default cuda when available;
+    dtype: default bf16 on CUDA (what `gptfast train` autocasts to), else fp32. Nothing of
+    the model's size is allocated: the inputs are expanded views of one small row.
+    """
+    if isinstance(model_or_config, GPT):
+        config = model_or_config.config
+    elif isinstance(model_or_config, GPTConfig):
+        config = model_or_config
+    else:
+        config = get_config(model_or_config)
+    device = torch.device(device if device is not None else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    T = seq_len or config.block_size
+    B, nh, nkv, hs = batch_size, config.n_head, config.n_kv_head, config.head_size
+
+    def rows(*shape):  # a (.., last) tensor of `shape` backed by one row of `last` elements
+        return torch.zeros(shape[-1], device=device, dtype=dtype,
+                           requires_grad=training).expand(*shape)
+
+    with torch.set_grad_enabled(training):
+        q, k, v = rows(B, nh, T, hs), rows(B, nkv, T, hs), rows(B, nkv, T, hs)
+        attn = gptfast.explain(gptfast.attention, q, k, v, causal=True,
+                               dropout_p=config.attn_dropout if training else 0.0,
+                               backend=config.backend)
+        hidden = rows(B * T, config.n_embd)
+        weight = rows(config.vocab_size, config.n_embd)
+        targets = torch.zeros(B * T, dtype=torch.long, device=device)
+        loss = gptfast.explain(gptfast.linear_cross_entropy, hidden, weight, targets,
+                               backend=config.backend)
+        from .ops import reference
+        materializes = attn.backend == "torch" and reference.sdpa_unsupported(
+            q, alibi_slopes=None, dropout_p=config.attn_dropout if training else 0.0,
+            return_lse=False) is not None
+    report = PathReport(attention=attn, linear_cross_entropy=loss)
+    report.attention_materializes_scores = materializes
+    return report
+
+
+class PathReport(dict):
+    """{"attention": Decision, "linear_cross_entropy": Decision}, printed one after the other;
+    `.attention_materializes_scores`: the attention runs on the plain reference, which keeps
+    (B, nh, T, T) scores (the memory preflight of `gptfast train` counts them)."""
+
+    attention_materializes_scores = False
+
+    def __str__(self) -> str:
+        return "\n".join(str(d) for d in self.values())
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

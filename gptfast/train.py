@@ -23,7 +23,8 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import BatchSampler, ByteTokenizer, fixed_batches, get_tokenizer, load_corpus, unigram_baseline
+from .data import (BatchSampler, ByteTokenizer, fixed_batches, get_tokenizer, load_corpus,
+                   tokenizer_state, unigram_baseline)
 
 __all__ = [
     "TrainConfig",
@@ -35,6 +36,12 @@ __all__ = [
     "flops_per_token",
     "peak_flops",
     "load_model",
+    "load_any",
+    "resolve_checkpoint",
+    "TrainingDiverged",
+    "MemoryPreflightError",
+    "estimate_step_memory",
+    "memory_preflight",
     "PEAK_BF16_FLOPS",
 ]
 
@@ -47,9 +54,11 @@ class TrainConfig:
     preset: str = "tiny"
     block_size: Optional[int] = None  # None: the preset's context length
     dropout: Optional[float] = None  # None: the preset's dropout
+    attn_dropout: Optional[float] = None  # None: the preset's attention dropout
     model_overrides: Dict[str, Any] = field(default_factory=dict)  # any other GPTConfig field
     # data
     data: Optional[str] = None  # None: the embedded stdlib corpus; else a text file or folder
+    tokenizer: Optional[str] = None  # None: bytes; else a Hugging Face folder or tokenizer.json
     max_bytes: Optional[int] = None  # cap on the text read (None: everything)
     val_fraction: float = 0.05
     # optimization
@@ -94,12 +103,28 @@ class TrainConfig:
         for name in ("warmup", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "beta1", "beta2",
+                     "val_fraction", "scheduled_sampling", "dropout", "attn_dropout"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"min_lr must be in [0, lr], got {self.min_lr!r}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+        for name in ("dropout", "attn_dropout"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {v!r}")
         if not 0.0 <= self.scheduled_sampling <= 1.0:
             raise ValueError(f"scheduled_sampling must be in [0, 1], got {self.scheduled_sampling!r}")
         if self.dtype not in ("auto", "fp32", "bf16"):
@@ -214,21 +239,171 @@ def _model_config(d: Dict[str, Any]):
     return GPTConfig(**{k: v for k, v in d.items() if k in names})
 
 
-def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
-    """Rebuild the model stored in a checkpoint -> (model in eval mode, tokenizer, checkpoint dict)."""
+def resolve_checkpoint(path: Union[str, os.PathLike]) -> Path:
+    """A checkpoint file, or a run folder -> its ckpt.pt. FileNotFoundError when neither."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if not (path / CKPT_NAME).is_file():
+            raise FileNotFoundError(f"{path} is a folder without a {CKPT_NAME} (not a run folder)")
+        return path / CKPT_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def check_finite_weights(state: Dict[str, torch.Tensor], path) -> None:
+    """CheckpointError when a floating-point tensor of `state` holds NaN or inf."""
+    from .checkpoint import CheckpointError
+
+    bad = [k for k, t in state.items()
+           if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: holds non-finite weights (NaN/inf in {bad[0]}{more}); it comes "
+                              f"from a run that diverged: retrain with a lower --lr")
+
+
+def _build_gpt(ckpt: Dict[str, Any], path):
+    from .checkpoint import CheckpointError
     from .model import GPT
 
-    ckpt = load_checkpoint(path)
     try:
         config = _model_config(ckpt["model_config"])
         model = GPT(config)
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        from .checkpoint import CheckpointError
-
         raise CheckpointError(f"{path}: checkpoint does not hold a loadable gptfast model ({type(e).__name__}: {e})") from e
-    tok = get_tokenizer(ckpt.get("tokenizer", "byte"))
+    return model
+
+
+def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
+    """Rebuild the language model stored in a checkpoint file or a run folder
+    -> (model in eval mode, tokenizer, checkpoint dict).
+
+    Raises FileNotFoundError, or CheckpointError for a file that is not a gptfast language
+    model checkpoint (a fine-tuned classifier: see `load_any`) or whose weights are not finite.
+    """
+    path = resolve_checkpoint(path)
+    return _lm_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def _lm_from_checkpoint(ckpt: Dict[str, Any], path, device):
+    from .checkpoint import CheckpointError
+
+    if ckpt.get("kind", "lm") != "lm":
+        raise CheckpointError(f"{path}: holds a {ckpt['kind']} (gptfast finetune), not a language "
+                              f"model; load it with gptfast.load")
+    model = _build_gpt(ckpt, path)
+    check_finite_weights(ckpt["model"], path)
+    tok = _checkpoint_tokenizer(ckpt, path)
     return model.to(device).eval(), tok, ckpt
+
+
+def _checkpoint_tokenizer(ckpt: Dict[str, Any], path):
+    from .checkpoint import CheckpointError
+
+    try:
+        return get_tokenizer(ckpt.get("tokenizer", "byte"), ckpt.get("tokenizer_state"))
+    except Exception as e:  # a missing package, a corrupt tokenizer JSON, an unknown kind
+        raise CheckpointError(f"{path}: its tokenizer cannot be rebuilt ({type(e).__name__}: {e})") from e
+
+
+def load_any(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu"):
+    """Like `load_model`, also for fine-tuned classifiers -> (model, tokenizer, checkpoint)."""
+    path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind", "lm") == "classifier":
+        from .finetune import classifier_from_checkpoint
+
+        model = classifier_from_checkpoint(ckpt, path)
+        return model.to(device).eval(), _checkpoint_tokenizer(ckpt, path), ckpt
+    return _lm_from_checkpoint(ckpt, path, device)
+
+
+# --------------------------------------------------------------------------------------
+# before the first step: will it fit?
+# --------------------------------------------------------------------------------------
+class MemoryPreflightError(ValueError):
+    """A training step would need more memory than the device has; the message says what to
+    change."""
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on `device` (None: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def estimate_step_memory(model_cfg, batch_size: int, device: torch.device, bf16: bool) -> Dict[str, int]:
+    """Bytes a training step needs, by part (an estimate that errs on the high side):
+
+    state        fp32 weights, gradients and AdamW's two moments: 16 bytes a parameter
+    activations  what autograd keeps per token and layer (LayerNorm in/out, q/k/v, attention
+                 output, MLP in/out, residuals, dropout masks), plus embeddings and the loss's
+                 hidden states; 25% more for the backward's transients
+    attention    the (B, nh, T, T) scores, probabilities and their copies, kept for every
+                 layer, when the attention runs on the plain reference (see gptfast.explain);
+                 0 on the kernels and on PyTorch's fused SDPA CPU kernel
+    loss         the linear cross-entropy's chunk buffers
+    """
+    from .model import count_params, explain_paths
+
+    P = count_params(model_cfg)
+    T, B, C, L = model_cfg.block_size, batch_size, model_cfg.n_embd, model_cfg.n_layer
+    nh, kv = model_cfg.n_head, model_cfg.n_kv_head * model_cfg.head_size
+    elt = 2 if bf16 else 4
+    tokens = B * T
+    per_layer = 8 * C + 2 * kv + 2 * model_cfg.n_inner              # elements per token
+    masks = (2 * C + model_cfg.n_inner) if model_cfg.dropout > 0 else 0  # bool bytes per token
+    activations = int(1.25 * (tokens * L * (per_layer * elt + masks) + tokens * 6 * C * 4))
+    attention = 0
+    paths = explain_paths(model_cfg, device=device, batch_size=B, training=True,
+                          dtype=torch.bfloat16 if bf16 else torch.float32)
+    if paths.attention_materializes_scores:
+        # scores, masked scores, probabilities (+ dropout mask and dropped probabilities), fp32
+        per = 5 if model_cfg.attn_dropout > 0 else 3
+        attention = L * per * B * nh * T * T * 4
+    return {"state": 16 * P, "activations": activations, "attention": attention,
+            "loss": 64 << 20}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**40:.1f} TiB" if n >= 2**40 else f"{n / 2**30:.1f} GiB"
+
+
+HEADROOM = 0.9  # a run may plan to use this much of the free memory (allocator slack, others)
+
+
+def memory_preflight(model_cfg, batch_size: int, device: torch.device, bf16: bool,
+                     available: Optional[int] = None) -> Dict[str, int]:
+    """Raise MemoryPreflightError, saying what to change, when a training step would need
+    more memory than `available` (default: what the device has free now)."""
+    need = estimate_step_memory(model_cfg, batch_size, device, bf16)
+    have = available if available is not None else available_memory(device)
+    total = sum(need.values())
+    if have is None or total <= HEADROOM * have:
+        return need
+    parts = ", ".join(f"{k} {_gib(v)}" for k, v in need.items() if v > 0)
+    advice = "lower --batch-size (--grad-accum keeps the tokens per step) or --block-size"
+    if need["attention"] > total / 2:
+        advice = ("the attention materializes its T x T scores here (gptfast explain says why: "
+                  "on a CPU, attention dropout; --attn-dropout 0 avoids it); or " + advice)
+    if need["state"] > have:
+        advice = "the model alone does not fit: choose a smaller --preset"
+    raise MemoryPreflightError(
+        f"a training step needs about {_gib(total)} ({parts}) but {device.type} has "
+        f"{_gib(have)} available (runs use at most {HEADROOM:.0%} of it): {advice}")
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -279,6 +454,39 @@ def _fmt_bytes(n: Optional[int]) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# a run that diverges
+# --------------------------------------------------------------------------------------
+class TrainingDiverged(RuntimeError):
+    """The loss (or, before a save, the weights) became NaN or infinite. The run stopped; no
+    checkpoint was written after the last good one."""
+
+
+def _diverged(what: str, step: int, lr: float, last_saved: Optional[int],
+              ckpt_path: Path) -> TrainingDiverged:
+    kept = (f"{ckpt_path} still holds step {last_saved}, the last good checkpoint"
+            if last_saved is not None else
+            f"no checkpoint of this run was written{' (' + str(ckpt_path) + ' is left as it was)' if ckpt_path.exists() else ''}")
+    return TrainingDiverged(
+        f"training diverged: {what} by step {step} (lr {lr:.3g}); stopped, {kept}. "
+        f"Lower --lr, or raise --warmup; --grad-clip limits the update size")
+
+
+def stop_if_diverged(nonfinite: torch.Tensor, step: int, lr: float, model: torch.nn.Module, *,
+                     check_weights: bool, last_saved: Optional[int], ckpt_path: Path) -> None:
+    """Raise TrainingDiverged when a loss since the last check was not finite (`nonfinite`, a
+    device flag accumulated without syncing) or, with check_weights (before every save), when
+    a weight is not. The one place a run decides to stop: a multi-process run reduces the flag
+    here so that every process stops together."""
+    if bool(nonfinite):
+        raise _diverged("the loss became NaN or infinite", step, lr, last_saved, ckpt_path)
+    if check_weights:
+        finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+        if not bool(finite):
+            raise _diverged("the weights became NaN or infinite", step, lr, last_saved,
+                            ckpt_path)
+
+
+# --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
 @torch.no_grad()
@@ -308,24 +516,35 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.resume not in (None, False):
         rpath = ckpt_path if cfg.resume in (True, "") else Path(cfg.resume)
         resume_state = load_checkpoint(rpath)  # FileNotFoundError / CheckpointError for bad paths
+        check_finite_weights(resume_state.get("model", {}), rpath)
         ckpt_path_in = rpath
     # model config: the checkpoint's when resuming, else preset + overrides
     if resume_state is not None:
         model_cfg = _model_config(resume_state["model_config"])
-        tok = get_tokenizer(resume_state.get("tokenizer", "byte"))
+        tok = _checkpoint_tokenizer(resume_state, rpath)
     else:
         overrides = dict(cfg.model_overrides)
         if cfg.block_size is not None:
             overrides["block_size"] = cfg.block_size
         if cfg.dropout is not None:
             overrides["dropout"] = cfg.dropout
+        if cfg.attn_dropout is not None:
+            overrides["attn_dropout"] = cfg.attn_dropout
+        if cfg.tokenizer is not None:  # a Hugging Face folder's: the model takes its vocabulary
+            from .hf.tokenizer import load_tokenizer
+            tok = load_tokenizer(cfg.tokenizer)
+            overrides.setdefault("vocab_size", tok.vocab_size)
+        else:
+            tok = ByteTokenizer()
         model_cfg = get_config(cfg.preset, **overrides)
-        tok = ByteTokenizer()
     if model_cfg.vocab_size < tok.vocab_size:
         raise ValueError(
-            f"preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} < the byte tokenizer's {tok.vocab_size}"
+            f"preset {cfg.preset!r} has vocab_size {model_cfg.vocab_size} < the {tok.kind} "
+            f"tokenizer's {tok.vocab_size}"
         )
     T = model_cfg.block_size
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    memory_preflight(model_cfg, cfg.batch_size, device, use_bf16)  # before allocating anything
 
     corpus = load_corpus(cfg.data, max_bytes=cfg.max_bytes, val_fraction=cfg.val_fraction, tokenizer=tok)
     baseline = unigram_baseline(corpus.train, corpus.val, tok.vocab_size) if len(corpus.val) else None
@@ -353,7 +572,6 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         history = list(resume_state.get("history", []))
         start_step = int(resume_state["step"])
 
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
     if use_bf16:
         autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
     else:
@@ -378,6 +596,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         f"{' compiled' if cfg.compile else ''}"
     )
     say(f"data: {corpus.describe()}")
+    if tok.kind == "byte" and model_cfg.vocab_size > tok.vocab_size:
+        say(f"tokenizer: byte-level ({tok.vocab_size} ids), not the BPE tokenizer preset "
+            f"{cfg.preset}'s {model_cfg.vocab_size}-token vocabulary was made for (ids >= "
+            f"{tok.vocab_size} stay unused); --tokenizer PATH trains with a Hugging Face one")
+    elif tok.kind != "byte":
+        say(f"tokenizer: {tok.path} ({tok.vocab_size} ids)")
     if baseline is not None:
         say(f"unigram baseline (val): {baseline:.4f} nats/token")
     if resume_state is not None:
@@ -391,6 +615,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             "model_config": dataclasses.asdict(model_cfg),
             "train_config": dataclasses.asdict(cfg),
             "tokenizer": tok.kind,
+            "tokenizer_state": tokenizer_state(tok),
             "sampler": sampler.state_dict(),
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -421,6 +646,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     t_window = time.perf_counter()
     tok_window = 0
     step = start_step
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    last_saved = None  # the step ckpt_path holds from this run (or the one resumed from it)
+    if resume_state is not None and Path(ckpt_path_in).resolve() == ckpt_path.resolve():
+        last_saved = start_step
     try:
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
@@ -435,6 +664,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     _, loss = run_model(x, y)
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach().float() / cfg.grad_accum
+                nonfinite |= ~torch.isfinite(loss.detach())     # no host sync
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -442,6 +672,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             n_in_window += 1
             done = step + 1
             is_last = done == cfg.steps
+            will_save = is_last or bool(save_every and done % save_every == 0)
+            if (device.type == "cpu" or will_save or done % cfg.log_every == 0
+                    or (cfg.eval_every and done % cfg.eval_every == 0)):
+                # On a GPU this syncs: only where the loop syncs anyway, and before a save.
+                stop_if_diverged(nonfinite, done, lr, model, check_weights=will_save,
+                                 last_saved=last_saved, ckpt_path=ckpt_path)
             if n_in_window >= cfg.log_every or is_last:
                 last_train = float(loss_sum) / n_in_window  # one sync per log window
                 loss_sum.zero_()
@@ -462,13 +698,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 bar.set_postfix(post, refresh=False)
             if (cfg.eval_every and done % cfg.eval_every == 0) or is_last:
                 last_val = evaluate(run_model, val_batches, device, autocast)
+                if not math.isfinite(last_val):
+                    raise _diverged(f"the validation loss is {last_val}", done, lr, last_saved,
+                                    ckpt_path)
                 record["val_loss"] = last_val
                 bar.set_postfix({"loss": f"{last_train:.4f}" if last_train is not None else "-",
                                  "val": f"{last_val:.4f}"}, refresh=False)
             if record["train_loss"] is not None or record["val_loss"] is not None:
                 history.append(record)
-            if is_last or (save_every and done % save_every == 0):
-                save_checkpoint(ckpt_path, snapshot(done))
+            if will_save:
+                save_checkpoint(ckpt_path, snapshot(done))   # atomic: the old one or the new
+                last_saved = done
     finally:
         bar.close()
 

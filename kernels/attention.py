@@ -66,12 +66,15 @@ would make fp32 mean ~fp16 accuracy).
 
 Configurations
 --------------
-`_TUNED` below maps (kernel kind, GPU arch) to (BLOCK_M, BLOCK_N, num_warps, num_stages) per
-head-dim bucket and element size. These are the committed choices; they are FA2-style
-defaults NOT yet tuned on hardware. `keep(config)` drops configs that cannot fit (shared
-memory estimate over the arch's limit, fp32 accumulators that would spill registers, dot
-tiles under 16). With GPTFAST_AUTOTUNE=1 (on a GPU), the kernels are wrapped in
-triton.autotune over the kept candidate configs instead. Under TRITON_INTERPRET=1 small
+Block sizes, warps and stages are data: attention_configs.json beside this file, one entry per
+configuration key (kernels/configs.py: arch, dtype, padded head dim, feature flags, Sq/Sk
+power-of-two buckets), so a feature that needs more registers (dropout, ALiBi, ...) gets its
+own non-spilling entry. The entries are FA2-style defaults checked by compiling for sm_90a and
+sm_80 without a GPU (scripts/static_table.py: registers, spills, shared memory, wgmma), NOT
+timed on hardware. `keep(config)` drops configs that cannot fit (shared memory estimate over
+the arch's limit, fp32 accumulators that would spill registers, dot tiles under 16). With
+GPTFAST_AUTOTUNE=1 (on a GPU), the kernels are wrapped in triton.autotune over the kept
+candidate configs instead, one tuning per configuration key. Under TRITON_INTERPRET=1 small
 blocks are used for speed; the kernel code path is the same.
 """
 from __future__ import annotations
@@ -87,6 +90,7 @@ from torch import Tensor
 
 from ._grid import checked_grid
 from ._interpreter import ensure_bf16
+from . import configs
 
 HEAD_DIMS_FWD = (32, 64, 96, 128, 256)
 # d=256 backward runs (and passes the interpreter tests) with the small blocks of the table;
@@ -624,83 +628,39 @@ def _dropout_mask_kernel(SEED, MASK, Sq, Sk, dropout_p,
 # Configurations
 # ============================================================================================
 
+# The committed configurations are data: attention_configs.json beside this file, keyed and
+# matched as kernels/configs.py describes (kind, arch, dtype, padded head dim, feature flags,
+# power-of-two Sq/Sk buckets). Kinds: "fwd" (BLOCK_M query x BLOCK_N key tile), "bwd_kv"
+# (BLOCK_M query tiles streamed past a BLOCK_N key tile), "bwd_q" (the deterministic dQ
+# kernel: BLOCK_M owned queries, BLOCK_N streamed keys), "bwd_pre" (delta rows per program).
+_FEATURES = {"IS_CAUSAL": "causal", "HAS_WINDOW": "window", "HAS_ALIBI": "alibi",
+             "HAS_KPM": "kpm", "HAS_DROPOUT": "dropout"}
+
 
 class Config(NamedTuple):
+    """A candidate of the autotuner (the tables hold the same four numbers)."""
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
     num_stages: int
 
 
-# Committed choices: (kind, major arch) -> [(max head dim, config for 2-byte dtypes, config
-# for fp32), ...]; the first bucket whose max head dim >= d wins. kind "fwd": BLOCK_M query x
-# BLOCK_N key tile; "bwd_kv": BLOCK_M query tiles streamed past a BLOCK_N key tile; "bwd_q":
-# the deterministic dQ kernel (BLOCK_M owned queries, BLOCK_N streamed keys).
-# These are FA2-style defaults, NOT timed on hardware (no GPU was available): the sm90 entries
-# were picked among a few candidates by compiling for sm_90a without a GPU and preferring the
-# ones ptxas reports without (or with the fewest) register spills. fp32 dots use FMA
-# ("ieee"), which needs far more registers, hence the smaller fp32 tiles. Rerun with
-# GPTFAST_AUTOTUNE=1 on an H100/H200 and commit the winners here.
-_TUNED = {
-    ("fwd", 9): [
-        (64, Config(128, 64, 4, 3), Config(64, 32, 8, 2)),
-        (128, Config(128, 64, 8, 3), Config(32, 64, 8, 2)),
-        (256, Config(64, 32, 8, 2), Config(16, 32, 4, 1)),
-    ],
-    ("bwd_kv", 9): [
-        (64, Config(32, 128, 8, 2), Config(32, 32, 8, 1)),
-        (128, Config(32, 64, 8, 2), Config(32, 32, 8, 1)),
-        (256, Config(32, 32, 8, 1), Config(16, 32, 8, 1)),
-    ],
-    ("bwd_q", 9): [
-        (64, Config(128, 64, 8, 2), Config(64, 32, 8, 1)),
-        (128, Config(128, 64, 8, 2), Config(32, 16, 4, 1)),
-        (256, Config(32, 32, 8, 1), Config(32, 16, 8, 1)),
-    ],
-    # Safe default for anything else (Ampere, Ada, ...): smaller tiles, fewer stages.
-    ("fwd", None): [
-        (64, Config(64, 64, 4, 2), Config(32, 32, 4, 1)),
-        (128, Config(64, 64, 4, 2), Config(32, 32, 4, 1)),
-        (256, Config(64, 32, 8, 1), Config(16, 32, 4, 1)),
-    ],
-    ("bwd_kv", None): [
-        (64, Config(32, 64, 4, 2), Config(16, 32, 4, 1)),
-        (128, Config(32, 64, 8, 1), Config(16, 32, 4, 1)),
-        (256, Config(16, 32, 8, 1), Config(16, 16, 4, 1)),
-    ],
-    ("bwd_q", None): [
-        (64, Config(64, 32, 4, 2), Config(32, 16, 4, 1)),
-        (128, Config(64, 32, 8, 1), Config(32, 16, 4, 1)),
-        (256, Config(32, 16, 8, 1), Config(16, 16, 4, 1)),
-    ],
-}
-
 # Candidates tried by GPTFAST_AUTOTUNE=1 (filtered by keep()).
 _CANDIDATES = [Config(bm, bn, w, s) for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128)
                for w in (4, 8) for s in (1, 2, 3)]
 
-# Blocks used under TRITON_INTERPRET=1: small (fast on CPU) and BLOCK_M != BLOCK_N so the
-# tests exercise asymmetric tiling and every boundary case.
-_INTERPRET_CONFIG = {
-    "fwd": Config(32, 16, 4, 1),
-    "bwd_kv": Config(16, 32, 4, 1),
-    "bwd_q": Config(32, 16, 4, 1),
-}
-
-# Rows per program of the backward's delta preprocess on a GPU (32 under the interpreter).
-PREPROCESS_BLOCK_M = 64
-
 
 def _smem_limit(capability: Tuple[int, int]) -> int:
-    return {9: 227 * 1024, 8: 163 * 1024}.get(capability[0], 99 * 1024)
+    return configs.shared_memory_limit(configs.arch_name(capability))
 
 
-def keep(config: Config, kind: str, head_dim: int, elt_bytes: int,
+def keep(config, kind: str, head_dim: int, elt_bytes: int,
          capability: Tuple[int, int] = (9, 0)) -> bool:
     """False for configs known to be invalid or slow: dot tiles under 16, a shared-memory
     estimate over the arch's limit, or fp32 tiles that would spill registers (persistent
-    accumulators > 128 registers a thread, or with the transient score tiles > 192)."""
-    bm, bn, warps, stages = config
+    accumulators > 128 registers a thread, or with the transient score tiles > 192).
+    `config`: anything with BLOCK_M, BLOCK_N, num_warps, num_stages attributes."""
+    bm, bn, warps, stages = config.BLOCK_M, config.BLOCK_N, config.num_warps, config.num_stages
     if bm < 16 or bn < 16 or warps not in (1, 2, 4, 8, 16) or stages < 1:
         return False
     d = _block_d(head_dim)
@@ -731,53 +691,63 @@ def _block_d(head_dim: int) -> int:
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return configs.interpreting()
 
 
-def _capability(device: torch.device) -> Tuple[int, int]:
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)
-    return (0, 0)
+def _features(flags: dict, **more: bool) -> Tuple[str, ...]:
+    """Names of the optional features that are on: the kernels' flags plus `more`."""
+    return tuple(name for flag, name in _FEATURES.items() if flags[flag]) + \
+        tuple(name for name, on in more.items() if on)
 
 
-def committed_config(kind: str, head_dim: int, dtype: torch.dtype,
-                     capability: Tuple[int, int]) -> Config:
-    """The committed `_TUNED` entry for a kernel kind, head dim, dtype and GPU capability."""
-    table = _TUNED.get((kind, capability[0]), _TUNED[(kind, None)])
-    elt = torch.empty((), dtype=dtype).element_size()
-    for max_d, cfg_16, cfg_32 in table:
-        if head_dim <= max_d:
-            return cfg_32 if elt == 4 else cfg_16
-    raise ValueError(f"head dim {head_dim} not supported")
-
-
-def get_config(kind: str, head_dim: int, dtype: torch.dtype, device: torch.device) -> Config:
-    """The config a launch uses: small fixed blocks under the interpreter, else the table."""
-    if _interpreting() or device.type != "cuda":
-        return _INTERPRET_CONFIG[kind]
-    return committed_config(kind, head_dim, dtype, _capability(device))
+def get_config(kind: str, device: torch.device, dtype: torch.dtype, head_dim: Optional[int],
+               features: Tuple[str, ...] = (), lengths: Tuple[int, ...] = ()) -> configs.KernelConfig:
+    """The config a launch uses: the table's entry for its key on the GPU it runs on, or the
+    small interpreter config. lengths: (Sq, Sk) for fwd/bwd_kv/bwd_q, () for bwd_pre."""
+    table = configs.load("attention")
+    target = configs.launch_target(device)
+    if target is None:
+        return table.interpreter[kind]
+    return table.lookup(table.key(kind, target, dtype, head_dim, features, lengths))
 
 
 def _autotune_enabled(device: torch.device) -> bool:
     return os.environ.get("GPTFAST_AUTOTUNE", "0") == "1" and device.type == "cuda" and not _interpreting()
 
 
-_AUTOTUNED: dict = {}
+_AUTOTUNED: dict = {}  # (kernel name, ConfigKey, reset_to_zero) -> triton.autotune wrapper
 
 
-def _autotuned(kernel, kind: str, head_dim: int, dtype: torch.dtype, device: torch.device,
-               reset_to_zero=None):
-    """triton.autotune over the kept candidates for this (kind, head dim, dtype, arch)."""
-    cap = _capability(device)
-    key = (kernel, kind, head_dim, dtype, cap, tuple(reset_to_zero or ()))
-    if key not in _AUTOTUNED:
+def _autotuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+               features: Tuple[str, ...], lengths: Tuple[int, int], reset_to_zero=None):
+    """triton.autotune over the kept candidates, one tuner per configuration key: a launch
+    tunes once per (arch, dtype, head dim, features, Sq/Sk power-of-two bucket), the key the
+    committed table uses (autotuned_entries() turns the results into table entries)."""
+    table = configs.load("attention")
+    target = configs.launch_target(device)
+    key = table.key(kind, target, dtype, head_dim, features, lengths)
+    cache_key = (kernel.__name__, key, tuple(reset_to_zero or ()))
+    if cache_key not in _AUTOTUNED:
         elt = torch.empty((), dtype=dtype).element_size()
-        configs = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-                                 num_warps=c.num_warps, num_stages=c.num_stages)
-                   for c in _CANDIDATES if keep(c, kind, head_dim, elt, cap)]
-        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["Sq", "Sk"],
-                                          reset_to_zero=reset_to_zero)(kernel)
-    return _AUTOTUNED[key]
+        candidates = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
+                                    num_warps=c.num_warps, num_stages=c.num_stages)
+                      for c in _CANDIDATES if keep(c, kind, head_dim, elt, target.capability)]
+        # key=[]: the tuner is already per configuration key, so it tunes on its first launch
+        # and never again (Triton would otherwise re-tune for every new value of a key arg).
+        _AUTOTUNED[cache_key] = triton.autotune(configs=candidates, key=[],
+                                                reset_to_zero=reset_to_zero)(kernel)
+    return _AUTOTUNED[cache_key]
+
+
+def autotuned_entries(why: str) -> list:
+    """attention_configs.json entries for every key tuned in this process (GPTFAST_AUTOTUNE=1)."""
+    table = configs.load("attention")
+    out = []
+    for (_, key, _), tuner in _AUTOTUNED.items():
+        for best in tuner.cache.values():
+            out.append(configs.entry_for(key, table, dict(best.kwargs, num_warps=best.num_warps,
+                                                          num_stages=best.num_stages), why))
+    return out
 
 
 # ============================================================================================
@@ -894,11 +864,12 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_
                  HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None,
                  HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=d, BLOCK_D=_block_d(d),
                  DOT_PRECISION=_dot_precision(q.dtype))
+    features = _features(flags)
     if _autotune_enabled(q.device):
-        kernel = _autotuned(_attn_fwd, "fwd", d, q.dtype, q.device)
+        kernel = _autotuned(_attn_fwd, "fwd", q.device, q.dtype, d, features, (Sq, Sk))
         kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*args, **flags)
     else:
-        cfg = get_config("fwd", d, q.dtype, q.device)
+        cfg = get_config("fwd", q.device, q.dtype, d, features, (Sq, Sk))
         _attn_fwd[tiles_x_heads_grid(Sq, cfg.BLOCK_M, B * Hq)](
             *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -937,12 +908,13 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     has_dlse = dlse is not None
     dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else lse
     BLOCK_D = _block_d(d)
-    pre_m = 32 if _interpreting() or q.device.type != "cuda" else PREPROCESS_BLOCK_M
+    pre = get_config("bwd_pre", q.device, q.dtype, None, ("dlse",) if has_dlse else ())
+    pre_m = pre.BLOCK_M
     _attn_bwd_preprocess[tiles_x_heads_grid(Sq, pre_m, B * Hq)](
         out, do, dlse_t, delta,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), do.stride(3),
-        Hq, Sq, HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=BLOCK_D, BLOCK_M=pre_m)
+        Hq, Sq, HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=BLOCK_D, **pre.kwargs())
 
     if deterministic:
         dq = _alloc(q.shape, q.dtype, q.device)
@@ -966,14 +938,17 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
                ex.stride_kpmz, ex.stride_kpmn,
                Hq, Hkv, Hq // Hkv, *tail)
+    features = _features(flags)
+    # The dK/dV kernel loops over a GQA group (GROUP > 1), which costs registers: own key.
+    kv_features = _features(flags, deterministic=deterministic, gqa=Hq != Hkv)
     autotune = _autotune_enabled(q.device)
     if autotune:
-        kernel = _autotuned(_attn_bwd_dkdv, "bwd_kv", d, q.dtype, q.device,
+        kernel = _autotuned(_attn_bwd_dkdv, "bwd_kv", q.device, q.dtype, d, kv_features, (Sq, Sk),
                             reset_to_zero=None if deterministic else ["DQ"])
         kernel[lambda meta: tiles_x_heads_grid(Sk, meta["BLOCK_N"], B * Hkv)](
             *kv_args, **flags, ATOMIC_DQ=not deterministic)
     else:
-        cfg = get_config("bwd_kv", d, q.dtype, q.device)
+        cfg = get_config("bwd_kv", q.device, q.dtype, d, kv_features, (Sq, Sk))
         _attn_bwd_dkdv[tiles_x_heads_grid(Sk, cfg.BLOCK_N, B * Hkv)](
             *kv_args, **flags, ATOMIC_DQ=not deterministic, BLOCK_M=cfg.BLOCK_M,
             BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -990,10 +965,10 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
               ex.stride_kpmz, ex.stride_kpmn,
               Hq, Hq // Hkv, *tail)
     if autotune:
-        kernel = _autotuned(_attn_bwd_dq, "bwd_q", d, q.dtype, q.device)
+        kernel = _autotuned(_attn_bwd_dq, "bwd_q", q.device, q.dtype, d, features, (Sq, Sk))
         kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*q_args, **flags)
     else:
-        cfg = get_config("bwd_q", d, q.dtype, q.device)
+        cfg = get_config("bwd_q", q.device, q.dtype, d, features, (Sq, Sk))
         _attn_bwd_dq[tiles_x_heads_grid(Sq, cfg.BLOCK_M, B * Hq)](
             *q_args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)

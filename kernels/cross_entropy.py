@@ -65,10 +65,11 @@ does); with fp16 inputs, probabilities below ~6e-8 (fp16 subnormals) flush to ze
 A target outside [0, V) makes its row's gradient NaN, which also reaches every dW row the
 row touches (its loss is NaN anyway).
 
-Block sizes: a small table keyed on kernel, dtype and compute capability. The Hopper
-entries (capability 9.x) are reasoned defaults that have NOT been tuned on hardware (no GPU
-was available when this was written). Under TRITON_INTERPRET=1 small blocks keep the CPU
-tests fast; the kernels themselves are identical.
+Block sizes: data in cross_entropy_configs.json (kernels/configs.py: kind, arch, dtype,
+feature flags, row bucket). The sm_90 entries are reasoned defaults checked by compiling for
+sm_90a without a GPU (scripts/static_table.py: registers, spills, shared memory, wgmma), NOT
+tuned on hardware. Under TRITON_INTERPRET=1 small blocks keep the CPU tests fast; the kernels
+themselves are identical.
 """
 import collections
 import math
@@ -80,6 +81,7 @@ import triton.language as tl
 
 from ._grid import checked_grid
 from ._interpreter import ensure_bf16
+from . import configs
 
 __all__ = [
     "cross_entropy_forward",
@@ -106,64 +108,32 @@ LEAN_MAX_BUDGET = 64 << 20
 # Block configuration
 # --------------------------------------------------------------------------------------
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return configs.interpreting()
 
 
-# Hopper (sm_90) defaults, untuned (see module docstring). 16-bit inputs use the tensor
-# cores; fp32 inputs use ieee dots (no TF32: users passing fp32 expect fp32 results), which
-# run on the CUDA cores, so the tiles are smaller there.
-_HOPPER = {
-    # row kernels: one program per row, BLOCK_V elements per step
-    ("row", "16"): dict(BLOCK_V=4096, num_warps=8),
-    ("row", "32"): dict(BLOCK_V=2048, num_warps=8),
-    # The only evidence behind the fused-kernel entries: compiled offline for sm_90a, they
-    # use <= 255 registers with no (fwd) or ~300 B (bwd) of spills, where BLOCK_D=64 spills
-    # 200 B / 2 KB. The bwd holds the logits tile, G and two D-chunk products at once;
-    # 128x128 tiles halve the atomic traffic of 64-row tiles (which do not spill at all).
-    ("lce_fwd", "16"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3),
-    ("lce_fwd", "32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    ("lce_bwd", "16"): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=2),
-    ("lce_bwd", "32"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    ("gemm", "16"): dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-    ("gemm", "32"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-}
-# Other GPUs (Ampere and older, consumer parts): less shared memory, fewer stages.
-_GENERIC = {
-    ("row", "16"): dict(BLOCK_V=2048, num_warps=8),
-    ("row", "32"): dict(BLOCK_V=1024, num_warps=8),
-    ("lce_fwd", "16"): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32, num_warps=4, num_stages=2),
-    ("lce_fwd", "32"): dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    ("lce_bwd", "16"): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    ("lce_bwd", "32"): dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=2),
-    ("gemm", "16"): dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-    ("gemm", "32"): dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2),
-}
-# Interpreter: each program is executed in Python, so fewer, small (>= 16 for tl.dot) tiles.
-_INTERPRETER = {
-    "row": dict(BLOCK_V=256, num_warps=4),
-    "lce_fwd": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
-    "lce_bwd": dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1),
-    "gemm": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1),
-}
+# The committed block sizes are data: cross_entropy_configs.json beside this file, keyed and
+# matched as kernels/configs.py describes (kind, arch, dtype, feature flags, a power-of-two
+# bucket of the rows for the lean kernels). Kinds: ce_fwd / ce_bwd (row kernels: one program
+# per row, BLOCK_V elements per step), lce_fwd / lce_bwd (lean fused kernels), gemm (the
+# budgeted schedule's fp32-output GEMM).
+def _config(kind, device, dtype, features=(), lengths=()):
+    """A fresh dict of the constexpr blocks and launch options a launch uses: the table's entry
+    for its key on the GPU it runs on, or the small interpreter config."""
+    table = configs.load("cross_entropy")
+    target = configs.launch_target(device)
+    if target is None:
+        return table.interpreter[kind].kwargs()
+    return table.lookup(table.key(kind, target, dtype, None, features, lengths)).kwargs()
 
 
-def committed_config(kind, dtype, capability):
-    """The table entry a GPU of compute `capability` (major, minor) uses (a fresh dict)."""
-    width = "32" if dtype == torch.float32 else "16"
-    table = _HOPPER if capability[0] >= 9 else _GENERIC
-    return dict(table[(kind, width)])
-
-
-def _config(kind, dtype, device):
-    if _interpreting() or device.type != "cuda":
-        return dict(_INTERPRETER[kind])
-    return committed_config(kind, dtype, torch.cuda.get_device_capability(device))
+def _on(**features):
+    """The names of the features that are on."""
+    return tuple(name for name, on in features.items() if on)
 
 
 def _num_sms(device):
-    if device.type == "cuda" and not _interpreting():
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    target = configs.launch_target(device)
+    return target.num_sms if target is not None else 4
 
 
 def _dot_precision(dtype):
@@ -320,7 +290,8 @@ def _ce_forward(logits, targets, loss, lse, ignore_index, label_smoothing, z_los
     n, v = logits.shape
     if n == 0:
         return
-    cfg = _config("row", logits.dtype, logits.device)
+    cfg = _config("ce_fwd", logits.device, logits.dtype,
+                  _on(softcap=softcap is not None, smoothing=label_smoothing > 0))
     block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
     _ce_fwd_kernel[checked_grid(n)](
         logits, targets, loss, lse,
@@ -336,9 +307,10 @@ def _ce_backward(grad_rows, grad_lse, logits, targets, lse, out, ignore_index,
     n, v = logits.shape
     if n == 0:
         return
-    cfg = _config("row", logits.dtype, logits.device)
-    block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
     has_glse = grad_lse is not None
+    cfg = _config("ce_bwd", logits.device, logits.dtype,
+                  _on(softcap=softcap is not None, glse=has_glse))
+    block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
     _ce_bwd_kernel[checked_grid(n)](
         logits, targets, lse, grad_rows, grad_lse if has_glse else lse, out,
         v, logits.stride(0), out.stride(0), grad_rows.stride(0),
@@ -653,7 +625,9 @@ def _lean_forward(hidden, weight, targets, bias, ignore_index, label_smoothing, 
     lse = _new((n,), torch.float32, device)
     if n == 0:
         return loss, lse
-    cfg = _config("lce_fwd", hidden.dtype, device)
+    cfg = _config("lce_fwd", device, hidden.dtype,
+                  _on(bias=bias is not None, softcap=softcap is not None,
+                      smoothing=label_smoothing > 0), (n,))
     block_n, block_v, block_d = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_V"), cfg.pop("BLOCK_D")
     order, n_valid = _valid_row_order(targets, ignore_index)
 
@@ -704,10 +678,11 @@ def linear_cross_entropy_backward(grad_rows, grad_lse, hidden, weight, targets, 
     db = torch.zeros((v,), dtype=torch.float32, device=device) if bias is not None else None
     if n > 0 and grads is not None:
         grad_rows, grad_lse = grads
-        cfg = _config("lce_bwd", dtype, device)
+        has_glse = grad_lse is not None
+        cfg = _config("lce_bwd", device, dtype,
+                      _on(bias=bias is not None, softcap=softcap is not None, glse=has_glse), (n,))
         block_n, block_v, block_d = cfg.pop("BLOCK_N"), cfg.pop("BLOCK_V"), cfg.pop("BLOCK_D")
         order, n_valid = _valid_row_order(targets, ignore_index)
-        has_glse = grad_lse is not None
         _lce_bwd_kernel[lean_backward_grid(n, v, block_n, block_v)](
             hidden, weight, bias if bias is not None else weight, targets, order, n_valid, lse,
             grad_rows, grad_lse if has_glse else grad_rows,
@@ -779,7 +754,7 @@ def _matmul(a, b, c, bias=None, accumulate=False):
     n = b.shape[1]
     if m == 0 or n == 0:
         return c
-    cfg = _config("gemm", a.dtype, a.device)
+    cfg = _config("gemm", a.device, a.dtype, _on(bias=bias is not None, accumulate=accumulate))
     bm, bn, bk, gm = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N"), cfg.pop("BLOCK_K"), cfg.pop("GROUP_M")
     _matmul_kernel[checked_grid(triton.cdiv(m, bm) * triton.cdiv(n, bn))](
         a, b, c, bias if bias is not None else c, m, n, k,

@@ -181,3 +181,45 @@ def test_gpu_check_dry_run(bench_dir, tmp_path):
     assert res["missing_required"] == []                        # not required on the CPU
     last = proc.stdout[proc.stdout.rindex("== gpu-check"):]           # the table comes last
     assert last.index("stages:") < last.index("| goal |")
+
+
+# ---- the CPU path benchmark (bench_cpu.py) ------------------------------------------------------
+
+def test_bench_cpu_tiny_run(tmp_path):
+    import bench_cpu
+    threads = torch.get_num_threads()
+    try:
+        assert bench_cpu.main(["--tiny", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rec = json.loads((tmp_path / "cpu.json").read_text())
+    assert RECORD_KEYS <= set(rec) and rec["benchmark"] == "cpu" and rec["device_slug"] == "cpu"
+    assert "thread CPU time" in rec["timer"]
+    assert not [r for r in rec["rows"] if r["error"]]
+    cases = {r["case"] for r in rec["rows"]}
+    assert len(cases) == 5 and all(r["cpu_ms"] > 0 for r in rec["rows"])
+    lce = [r for r in rec["rows"] if r["case"].startswith("linear CE")]
+    assert all(r["peak_mem_bytes"] > 0 for r in lce)
+    assert [g["met"] for g in rec["goals"]] == [None] * 3      # tiny shapes judge nothing
+    assert (tmp_path / "cpu_path.png").is_file()
+
+
+def test_bench_cpu_goals():
+    import bench_cpu
+    G, S, E = bench_cpu.GPTFAST, bench_cpu.SDPA, bench_cpu.EAGER
+    rows = [dict(case="a", peer=G, cpu_ms=105.0, peak_mem_bytes=None),
+            dict(case="a", peer=S, cpu_ms=100.0, peak_mem_bytes=None),
+            dict(case="l", peer=G, cpu_ms=130.0, peak_mem_bytes=30),
+            dict(case="l", peer=E, cpu_ms=100.0, peak_mem_bytes=100)]
+    att, t, mem = bench_cpu.cpu_goals(rows, "a", "l")
+    assert att["measured_ratio"] == pytest.approx(1.05) and att["met"] is True
+    assert t["measured_ratio"] == pytest.approx(1.3) and t["met"] is False
+    assert mem["measured_ratio"] == pytest.approx(0.3) and mem["met"] is True
+    assert bench_cpu.cpu_goals(rows[:1], "a", "l")[0]["met"] is None   # a missing peer
+
+
+def test_default_output_folder(monkeypatch, tmp_path):
+    assert harness.default_out_dir("cpu") == REPO / "benchmarks" / "results" / "cpu"
+    monkeypatch.setattr(harness, "REPO", tmp_path / "site-packages" / "gptfast")  # installed
+    monkeypatch.chdir(tmp_path)
+    assert harness.default_out_dir("nvidia-h200") == tmp_path / "gptfast-bench" / "nvidia-h200"

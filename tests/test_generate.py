@@ -112,6 +112,13 @@ def test_generate_validation_and_mode_restored():
         generate(model, prompt().float(), 3)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, prompt(), 3, top_p=0.0)
+    for bad in (float("nan"), float("inf"), -1.0):           # before torch.multinomial sees it
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            generate(model, prompt(), 3, temperature=bad)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, prompt(), 3, top_p=float("nan"))
+    with pytest.raises(ValueError, match="length_penalty"):
+        beam_search(model, prompt()[:1], 3, 2, length_penalty=float("nan"))
     out = generate(model, prompt(T=100), 28, greedy=True)
     assert out.shape == (3, 128) and model.training
     assert torch.equal(generate(model, prompt(), 0), prompt())

@@ -303,19 +303,6 @@ def test_empty_key_sequence():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
 
 
-@pytest.mark.parametrize("cap", [(9, 0), (8, 0), (8, 9), (7, 5)])
-def test_committed_configs_are_kept(cap):
-    for kind in ("fwd", "bwd_kv", "bwd_q"):
-        dims = A.HEAD_DIMS_FWD if kind == "fwd" else A.HEAD_DIMS_BWD
-        for d in dims:
-            for dtype in A.DTYPES:
-                cfg = A.committed_config(kind, d, dtype, cap)
-                elt = torch.empty((), dtype=dtype).element_size()
-                assert A.keep(cfg, kind, d, elt, cap), (kind, d, dtype, cap, cfg)
-    # d=256 with 128x128 tiles and 3 stages cannot fit shared memory: filtered out.
-    assert not A.keep(A.Config(128, 128, 8, 3), "fwd", 256, 2, cap)
-
-
 # --------------------------------------------------------------------------------------------
 # GPU only: all head dims, long sequences (bf16 and fp16)
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
-from gptfast.kernels import _grid  # noqa: E402
+from gptfast.kernels import _grid, configs  # noqa: E402
 from gptfast.kernels import attention as A  # noqa: E402
 from gptfast.kernels import cross_entropy as ce  # noqa: E402
 
@@ -45,6 +45,16 @@ def _record(monkeypatch, module, names):
     return log
 
 
+def _target(monkeypatch, cap):
+    """Launchers pick the configs and grids of a GPU of capability `cap` with 132 SMs (an
+    H100/H200); None: the small interpreter configs (with 132 SMs for the lean CE's splits)."""
+    target = configs.Target(cap or (9, 0), 132)
+    monkeypatch.setattr(configs, "_COMPILE_TARGET", target if cap is not None else None)
+    if cap is None:
+        monkeypatch.setattr(ce, "_num_sms", lambda device: 132)
+    return target
+
+
 def _assert_within_limits(log, expected_kernels):
     assert {name for name, _, _ in log} == set(expected_kernels), log
     for name, grid, _ in log:
@@ -61,9 +71,7 @@ ATTN_KERNELS = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bw
 @pytest.mark.parametrize("d,hkv", [(64, H), (128, 2)], ids=["d64_mha", "d128_gqa"])
 def test_attention_grids_fit_cuda_limits_at_b4096_h16(monkeypatch, cap, d, hkv):
     log = _record(monkeypatch, A, ATTN_KERNELS)
-    if cap is not None:  # the blocks the GPU would use
-        monkeypatch.setattr(A, "get_config",
-                            lambda kind, hd, dtype, dev: A.committed_config(kind, hd, dtype, cap))
+    _target(monkeypatch, cap)  # the blocks the GPU would use
     q = torch.empty(B, H, S, d, dtype=torch.bfloat16, device=META)
     k = torch.empty(B, hkv, S, d, dtype=torch.bfloat16, device=META)
     seed = torch.empty(1, dtype=torch.int64, device=META)
@@ -91,10 +99,7 @@ CE_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_lce_fwd_kernel", "_lce_combi
 @pytest.mark.parametrize("cap", [None, (9, 0), (8, 0)], ids=["interpreter", "sm90", "sm80"])
 def test_cross_entropy_grids_fit_cuda_limits(monkeypatch, cap):
     log = _record(monkeypatch, ce, CE_KERNELS)
-    monkeypatch.setattr(ce, "_num_sms", lambda device: 132)
-    if cap is not None:
-        monkeypatch.setattr(ce, "_config",
-                            lambda kind, dtype, dev: ce.committed_config(kind, dtype, cap))
+    _target(monkeypatch, cap)
     # A 16M-entry vocabulary: 131,072 vocabulary tiles even at BLOCK_V = 128, twice what axis 1
     # allows (so the lean backward's old (row tiles, vocab tiles) grid fails here).
     N, V, D = 1 << 16, 1 << 24, 256
@@ -114,9 +119,9 @@ def test_cross_entropy_grids_fit_cuda_limits(monkeypatch, cap):
     ce.linear_cross_entropy_forward(h[:n2], w[:v2], t[:n2], None, reduction="mean",
                                     memory_budget=1 << 30, **opts)
     _assert_within_limits(log, CE_KERNELS)
-    bwd = [grid for name, grid, _ in log if name == "_lce_bwd_kernel"]
-    cfg = ce.committed_config("lce_bwd", torch.bfloat16, cap) if cap else ce._INTERPRETER["lce_bwd"]
-    assert bwd[0] == (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(V, cfg["BLOCK_V"]),)
+    bwd = [(grid, kw) for name, grid, kw in log if name == "_lce_bwd_kernel"]
+    grid, kw = bwd[0]
+    assert grid == (triton.cdiv(N, kw["BLOCK_N"]) * triton.cdiv(V, kw["BLOCK_V"]),)
 
 
 def test_grid_functions():

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import gptfast
 from gptfast.model import (
-    GPT, PRESETS, GPTConfig, GPTForSequenceClassification, count_params, get_config,
+    GPT, PRESETS, GPTConfig, GPTForSequenceClassification, alibi_slopes, count_params, get_config,
     param_groups, scheduled_sampling_inputs, shift_targets,
 )
 
@@ -30,6 +30,7 @@ def test_param_counts_exact():
     assert count_params("gpt1") == 116_534_784
     assert count_params("gpt2") == 124_439_808
     assert count_params(get_config("gpt2")) == 124_439_808
+    assert count_params("bloom-560m") == 559_214_592  # bigscience/bloom-560m's own count
 
 
 def test_gpt3_175b_on_meta():
@@ -41,6 +42,8 @@ def test_gpt3_175b_on_meta():
     ("gpt2-medium", 355e6), ("gpt2-large", 774e6), ("gpt2-xl", 1.558e9),
     ("gpt3-125m", 125e6), ("gpt3-350m", 350e6), ("gpt3-760m", 760e6), ("gpt3-1.3b", 1.3e9),
     ("gpt3-2.7b", 2.7e9), ("gpt3-6.7b", 6.7e9), ("gpt3-13b", 13e9),
+    ("bloom-1b1", 1.065e9), ("bloom-1b7", 1.722e9), ("bloom-3b", 3.003e9), ("bloom-7b1", 7.069e9),
+    ("bloom-176b", 176.2e9),
 ])
 def test_preset_sizes_near_nominal(name, nominal):
     assert abs(count_params(name) - nominal) / nominal < 0.05
@@ -86,7 +89,7 @@ def test_config_defaults_resolved():
 
 @pytest.mark.parametrize("overrides", [
     {}, dict(ln_position="post", final_ln=False), dict(n_kv_head=2), dict(tie_embeddings=False),
-    dict(bias=False, n_inner=96),
+    dict(bias=False, n_inner=96), dict(position="alibi", embedding_ln=True),
 ])
 def test_teacher_forcing_loss_matches_manual_shift(overrides):
     model = tiny(**overrides).eval()
@@ -120,6 +123,38 @@ def test_tied_embedding_and_init():
     w = model.h[0].mlp.c_proj.weight
     assert abs(w.std().item() - std) / std < 0.1
     assert abs(model.h[0].mlp.c_fc.weight.std().item() - 0.02) < 0.002
+
+
+def test_alibi_preset_shape():
+    """BLOOM style: no position embedding, a LayerNorm after the token embedding, ALiBi slopes
+    as a non-persistent fp32 buffer (not in the state_dict, fp32 after a cast)."""
+    model = tiny(position="alibi", embedding_ln=True)
+    assert model.wpe is None and model.ln_emb is not None
+    assert model.num_params() == model.num_params(exclude_positions=True) == \
+        count_params("tiny") - 128 * 64 + 2 * 64
+    assert not any("alibi" in k for k in model.state_dict())
+    assert torch.equal(model.h[1].attn.alibi_slopes, alibi_slopes(4))
+    assert torch.equal(alibi_slopes(4), torch.tensor([2.0 ** -2, 2.0 ** -4, 2.0 ** -6, 2.0 ** -8]))
+    model.to(torch.bfloat16)
+    assert model.h[0].attn.alibi_slopes.dtype == torch.float32
+    assert model.wte.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="GPTConfig.position"):
+        get_config("tiny", position="rope")
+
+
+def test_alibi_kv_cache_matches_full_forward():
+    """ALiBi with a KV cache: the kernel's bias is bottom-right aligned (relative distance), so
+    cached decoding gives the logits of the full sequence."""
+    from gptfast.generate import KVCache
+    model = tiny(position="alibi", embedding_ln=True).eval()
+    idx = batch(B=2, T=12)
+    full = model.logits(idx)                                                   # (B, T, V)
+    cache = KVCache.for_model(model, 2, 12)
+    with torch.no_grad():
+        model(idx[:, :8], kv_cache=cache)
+        for t in range(8, 12):
+            step, _ = model(idx[:, t:t + 1], kv_cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
 def test_attention_uses_strided_qkv_views(monkeypatch):

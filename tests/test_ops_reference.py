@@ -112,6 +112,100 @@ def test_attention_dropout_statistics():
     assert abs(dropped.sum().item() / clean.sum().item() - 1) < 0.02
 
 
+# ---- the torch backend's fast path: PyTorch's fused SDPA CPU kernel ----------------------------
+
+@pytest.fixture
+def sdpa_only(monkeypatch):
+    """Counts the torch backend's calls into SDPA's CPU kernel and fails if the materializing
+    reference or F.scaled_dot_product_attention (which an SDPA provider may route to gptfast)
+    runs instead."""
+    from gptfast.ops import reference
+    calls = []
+    reference._sdpa_cpu_takes_gqa()                 # its one-time check calls the kernel too
+    kernel = reference.sdpa_cpu_kernel
+
+    def counting(*a, **kw):
+        calls.append(kw)
+        return kernel(*a, **kw)
+
+    def forbidden(*a, **kw):
+        raise AssertionError("the torch backend left the SDPA path")
+    monkeypatch.setattr(reference, "sdpa_cpu_kernel", counting)
+    monkeypatch.setattr(reference, "attention", forbidden)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", forbidden)
+    return calls
+
+
+@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: f"{c[:6]}-{sorted(c[6])}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_sdpa_path_matches_oracle(case, dtype, sdpa_only):
+    q, k, v, kw = _attn_inputs(*case, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = gptfast.attention(q, k, v, backend="torch", **kw)
+    assert len(sdpa_only) == 1 and out.dtype == dtype
+    ref_out, _ = attention_oracle(q, k, v, **kw)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    # gradients against the oracle's (it is plain differentiable float64 PyTorch)
+    g = torch.randn_like(ref_out)
+    got = torch.autograd.grad((out.double() * g).sum(), (q, k, v))
+    want = torch.autograd.grad((ref_out * g).sum(), (q, k, v))
+    for a, e in zip(got, want):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a.double(), e.double(), atol=100 * tol, rtol=100 * tol)
+
+
+def test_attention_sdpa_path_gradcheck(sdpa_only):
+    q, k, v, kw = _attn_inputs(*ATTN_CASES[-1])     # GQA, ALiBi, window, padding, empty rows
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: gptfast.attention(q, k, v, backend="torch", **kw), (q, k, v))
+
+
+def test_attention_sdpa_path_empty_rows_and_transposed_inputs(sdpa_only):
+    qkv = torch.randn(2, 6, 3, 2, 8, requires_grad=True)          # (B, T, 3, H, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)                           # (B, H, T, d) views
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :4] = False                                            # left padding: rows 0-3 empty
+    out = gptfast.attention(q, k, v, key_padding_mask=mask, backend="torch")
+    ref, _ = attention_oracle(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[0, :, :4], torch.zeros_like(out[0, :, :4]))
+    out.sum().backward()
+    dq = qkv.grad[:, :, 0].transpose(1, 2)                         # (B, H, T, d)
+    assert torch.equal(dq[0, :, :4], torch.zeros_like(dq[0, :, :4]))
+    assert qkv.grad.isfinite().all()
+
+
+def test_attention_sdpa_path_bf16_alibi(sdpa_only):
+    q, k, v, kw = _attn_inputs(1, 4, 4, 64, 64, 16, dict(causal=True, alibi=True),
+                               dtype=torch.bfloat16)
+    kw["alibi_slopes"] = kw["alibi_slopes"] * 4                     # far keys strongly biased
+    out = gptfast.attention(q, k, v, backend="torch", **kw)
+    ref, _ = attention_oracle(q, k, v, **kw)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_attention_keeps_its_own_path_where_sdpa_differs():
+    from gptfast.ops import reference
+    q, k, v, kw = _attn_inputs(1, 2, 2, 5, 5, 8, dict(causal=True, alibi=True))
+    cases = [(dict(dropout_p=0.1), "dropout"), (dict(return_lse=True), "return_lse")]
+    for extra, word in cases:
+        assert word in reference.sdpa_unsupported(q, alibi_slopes=None,
+                                                  dropout_p=extra.get("dropout_p", 0.0),
+                                                  return_lse=extra.get("return_lse", False))
+    slopes = kw["alibi_slopes"].requires_grad_()
+    assert "alibi_slopes" in reference.sdpa_unsupported(q, alibi_slopes=slopes, dropout_p=0.0,
+                                                         return_lse=False)
+    out = gptfast.attention(q, k, v, alibi_slopes=slopes, backend="torch")
+    out.sum().backward()                                            # slopes get a gradient
+    assert slopes.grad is not None and slopes.grad.abs().sum() > 0
+    d = gptfast.explain(gptfast.attention, q, k, v, dropout_p=0.1)
+    assert "dropout" in str(d) and "S x S" in str(d)
+    assert "SDPA" in str(gptfast.explain(gptfast.attention, q, k, v))
+
+
 # ---- cross-entropy ------------------------------------------------------------------------------
 
 CE_OPTIONS = [
@@ -200,6 +294,75 @@ def test_linear_cross_entropy_equals_materialized(opts, budget):
     want = torch.autograd.grad((ref * g).sum(), params)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("opts", LCE_OPTIONS, ids=str)
+def test_linear_cross_entropy_chunks_match_the_oracle(opts):
+    # The reference functions themselves, with chunks of 7 rows (and a ragged last one): the
+    # one-pass forward+gradient (the CPU default), forward, and the recomputing backward.
+    from gptfast.ops import reference
+    opts = dict(opts)
+    reduction = opts.pop("reduction", "mean")
+    N, D, V = 38, 8, 29
+    ignore = opts.get("ignore_index", -100)
+    o = dict(ignore_index=ignore, label_smoothing=opts.get("label_smoothing", 0.0),
+             z_loss=opts.get("z_loss", 0.0), softcap=opts.get("softcap"), chunk_elements=7 * V)
+    h = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True) if opts.get("bias") else None
+    t = torch.randint(0, V, (N,))
+    t[::5] = ignore
+    logits = h @ w.t() + (b if b is not None else 0)
+    kw = {k: v for k, v in opts.items() if k != "bias"}
+    ref_rows, ref_lse = cross_entropy_oracle(logits, t, reduction="none", **kw)
+    params = [p for p in (h, w, b) if p is not None]
+    with torch.no_grad():
+        rows, lse = reference.linear_cross_entropy_forward(h, w, t, b, **o)
+    torch.testing.assert_close(rows, ref_rows, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    g_rows, g_lse = torch.rand(N, dtype=torch.float64), torch.randn(N, dtype=torch.float64)
+    want = torch.autograd.grad((ref_rows * g_rows).sum() + (ref_lse * g_lse).sum(), params,
+                               retain_graph=True)
+    got = reference.linear_cross_entropy_backward(g_rows, g_lse, h.detach(), w.detach(), t,
+                                                  None if b is None else b.detach(), lse, **o)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+    if reduction == "none":
+        return
+    red, _ = cross_entropy_oracle(logits, t, reduction=reduction, **kw)
+    want = torch.autograd.grad(red, params)
+    with torch.no_grad():
+        rows, lse, got = reference.linear_cross_entropy_forward_with_grad(
+            h, w, t, b, reduction=reduction, **o)
+    torch.testing.assert_close(rows, ref_rows, atol=1e-10, rtol=1e-10)
+    for a, e in zip([x for x in got if x is not None], want):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-10)
+
+
+def test_linear_cross_entropy_cpu_default_is_one_pass_and_scales_in_place(monkeypatch):
+    # CPU, gradients wanted, mean/sum: the torch backend computes the gradients in its forward
+    # (one pass over the logits); backward scales them by the upstream gradient in place, or
+    # on copies when the graph is kept for a second backward.
+    from gptfast.ops import reference
+    calls = []
+    real = reference.linear_cross_entropy_forward_with_grad
+    monkeypatch.setattr(reference, "linear_cross_entropy_forward_with_grad",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    h = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 40, (50,))
+    ref = F.cross_entropy(h @ w.t(), t)
+    want = torch.autograd.grad(3 * ref, (h, w))
+    loss = gptfast.linear_cross_entropy(h, w, t)
+    assert calls == [1]
+    got = torch.autograd.grad(3 * loss, (h, w), retain_graph=True)
+    again = torch.autograd.grad(3 * loss, (h, w))              # the saved gradients unchanged
+    for a, b, e in zip(got, again, want):
+        torch.testing.assert_close(a, e)
+        torch.testing.assert_close(b, e)
+    with torch.no_grad():                                       # no gradients: forward only
+        gptfast.linear_cross_entropy(h, w, t)
+    assert calls == [1]
 
 
 def test_linear_cross_entropy_against_torch_functional():

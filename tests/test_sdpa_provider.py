@@ -125,6 +125,28 @@ def test_pytorch_cpu_flash_kernel_bypasses_the_provider(provider):
     assert q.grad is not None and q.grad.isfinite().all()
 
 
+@needs_interpreter
+@pytest.mark.parametrize("kw", [dict(), dict(key_padding_mask=True), dict(Sq=9, window=4)],
+                         ids=str)
+def test_torch_backend_never_loops_through_the_provider(provider, kw):
+    # gptfast.attention's "torch" backend on CPU tensors runs PyTorch's CPU flash kernel: with
+    # gptfast active as the SDPA provider (which overrides that kernel's op) it still gets
+    # PyTorch's own kernel, no gptfast launch and no fall-through.
+    kw = dict(kw)
+    q, k, v = _inputs(Sq=kw.pop("Sq", 24), Hq=4, Hkv=2)
+    if kw.pop("key_padding_mask", False):
+        kw["key_padding_mask"] = torch.ones(2, 24, dtype=torch.bool)
+        kw["key_padding_mask"][0, :5] = False
+    with Counts(provider) as c:
+        out = gptfast.attention(q, k, v, causal=True, backend="torch", **kw)
+        out.sum().backward()
+    assert (c.fwd, c.bwd, c.fallthroughs) == (0, 0, 0)
+    assert "SDPA" in gptfast.explain(gptfast.attention, q, k, v, **kw).torch_path
+    ref, _ = reference.attention(q.detach(), k.detach(), v.detach(), causal=True, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert q.grad.isfinite().all()
+
+
 # ---- a nanoGPT-style model, unchanged, trained through the provider ----------------------------
 
 class Block(nn.Module):

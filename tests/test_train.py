@@ -1,6 +1,7 @@
 """Training loop: LR schedule, weight-decay groups, bit-for-bit resume, outputs."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,70 @@ def test_training_reduces_loss(text_file, tmp_path):
                     batch_size=8, lr=1e-2, warmup=5)
     s = train(cfg)
     assert s["val_loss"] < 0.75 * s["unigram_baseline"]
+
+
+# ---------------------------------------------------------------- a run that diverges
+def test_divergence_stops_without_writing(text_file, tmp_path):
+    from gptfast.train import TrainingDiverged
+    cfg = small_cfg(text_file, tmp_path / "nan", steps=8, lr=1e6, warmup=0, eval_every=2)
+    with pytest.raises(TrainingDiverged, match="no checkpoint of this run was written"):
+        train(cfg)
+    assert not (tmp_path / "nan" / "ckpt.pt").exists()
+
+
+def test_divergence_keeps_the_last_good_checkpoint(text_file, tmp_path, monkeypatch):
+    # Good steps 1-4 (saved at 2 and 4), then every loss from step 5 on is NaN: the run stops
+    # at the next check, ckpt.pt still holds step 4, byte for byte.
+    from gptfast import model as model_mod
+    from gptfast.train import TrainingDiverged
+    cfg = small_cfg(text_file, tmp_path / "run", steps=8, eval_every=2)
+    calls = {"n": 0}
+    real = model_mod.GPT.forward
+
+    def forward(self, idx, targets=None, **kw):
+        logits, loss = real(self, idx, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] > 4:
+                loss = loss * float("nan")
+        return logits, loss
+    saved = {}
+    from gptfast import train as train_mod
+    real_save = train_mod.save_checkpoint
+
+    def save(path, state):
+        real_save(path, state)
+        saved[state["step"]] = path.read_bytes()
+    monkeypatch.setattr(model_mod.GPT, "forward", forward)
+    monkeypatch.setattr(train_mod, "save_checkpoint", save)
+    with pytest.raises(TrainingDiverged, match=r"by step 5 .*still holds step 4"):
+        train(cfg)
+    assert sorted(saved) == [2, 4]
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == saved[4]
+
+
+def test_nonfinite_weights_are_never_saved():
+    from gptfast.model import GPT, get_config
+    from gptfast.train import TrainingDiverged, stop_if_diverged
+    model = GPT(get_config("tiny", n_layer=1))
+    ok = torch.zeros((), dtype=torch.bool)
+    stop_if_diverged(ok, 3, 1e-3, model, check_weights=True, last_saved=None,
+                     ckpt_path=Path("x/ckpt.pt"))
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    stop_if_diverged(ok, 3, 1e-3, model, check_weights=False, last_saved=None,
+                     ckpt_path=Path("x/ckpt.pt"))               # only checked before a save
+    with pytest.raises(TrainingDiverged, match="weights"):
+        stop_if_diverged(ok, 3, 1e-3, model, check_weights=True, last_saved=2,
+                         ckpt_path=Path("x/ckpt.pt"))
+    with pytest.raises(TrainingDiverged, match="loss"):
+        stop_if_diverged(torch.ones((), dtype=torch.bool), 3, 1e-3, model, check_weights=False,
+                         last_saved=2, ckpt_path=Path("x/ckpt.pt"))
+
+
+def test_config_rejects_nonfinite_numbers():
+    for kw in (dict(lr=float("nan")), dict(weight_decay=float("inf")), dict(grad_clip=-1.0),
+               dict(min_lr=float("nan")), dict(dropout=1.0), dict(attn_dropout=float("nan")),
+               dict(val_fraction=0.0), dict(beta2=1.0)):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            TrainConfig(**kw).validate()

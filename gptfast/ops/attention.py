@@ -9,10 +9,12 @@ Layers, thinnest on top:
                                    torch.library.opcheck tests them, also on CPU under the
                                    Triton interpreter
   kernels/attention.py             the Triton kernels (csrc/ for CUDA C++)
-The "torch" backend is the reference (`reference.attention`), plain differentiable PyTorch.
+The "torch" backend is `reference.attention_torch`: PyTorch's fused SDPA CPU kernel wherever
+the options allow, else the reference (`reference.attention`), plain differentiable PyTorch.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple, Optional
 
@@ -210,12 +212,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     decision, (q, k, v), needs_grad = _plan(
         q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
         window=window, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-        deterministic=deterministic, backend=backend)
+        deterministic=deterministic, return_lse=return_lse, backend=backend)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if decision.backend == "torch":
-        out, lse = reference.attention(q, k, v, causal=causal, softmax_scale=scale,
-                                       alibi_slopes=alibi_slopes, window=window,
-                                       key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+        out, lse = reference.attention_torch(q, k, v, causal=causal, softmax_scale=scale,
+                                             alibi_slopes=alibi_slopes, window=window,
+                                             key_padding_mask=key_padding_mask,
+                                             dropout_p=dropout_p, return_lse=return_lse)
         return (out, lse) if return_lse else out
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # The kernels stream rows of d contiguous elements; anything else is rare enough
@@ -241,4 +244,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     return (out, lse) if return_lse else out
 
 
-backends.register_planner(OP, lambda *a, **kw: _plan(*a, **kw)[0])
+def _explain(q, k, v, **kw) -> backends.Decision:
+    """The decision for `gptfast.explain`, with what the "torch" backend would run (a copy:
+    decisions are cached and shared by calls)."""
+    decision, (q, k, v), _ = _plan(q, k, v, **kw)
+    return dataclasses.replace(decision, torch_path=reference.attention_torch_path(
+        q, alibi_slopes=kw.get("alibi_slopes"), dropout_p=kw.get("dropout_p", 0.0),
+        return_lse=kw.get("return_lse", False)))
+
+
+backends.register_planner(OP, _explain)

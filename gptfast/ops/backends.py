@@ -50,12 +50,17 @@ class Decision:
     # backend -> why it cannot run these inputs (None: it can).
     reasons: Dict[str, Optional[str]] = field(default_factory=dict)
     error: Optional[str] = None  # set when the requested backend cannot run the inputs
+    # What the "torch" backend runs for these inputs (its fast path or the plain reference).
+    torch_path: Optional[str] = None
 
     def __str__(self) -> str:
         lines = [f"{self.op}: backend={self.requested!r} -> runs on {self.backend!r}"]
         for name in BACKENDS:
             why = self.reasons.get(name)
-            lines.append(f"  {name:7s} " + ("can run these inputs" if why is None else f"no: {why}"))
+            line = "can run these inputs" if why is None else f"no: {why}"
+            if name == "torch" and self.torch_path:
+                line += f" ({self.torch_path})"
+            lines.append(f"  {name:7s} {line}")
         return "\n".join(lines)
 
 

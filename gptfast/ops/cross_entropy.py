@@ -16,11 +16,14 @@ linear_cross_entropy has two schedules (see kernels/cross_entropy.py for their c
   lean      (default): forward keeps only the per-row lse; backward recomputes the logits.
   budgeted  (memory_budget > LEAN_BUDGET, reduction mean/sum, gradients wanted): the gradients
             are computed in the forward for a unit upstream gradient, and backward only scales
-            them. An lse gradient (return_lse=True and lse used in the loss) falls back to the
+            them (in place, unless the graph is kept). The "torch" backend on CPU tensors uses
+            this one-pass schedule by default (memory_budget=None) with its small chunks: the
+            gradients it holds are the ones backward would allocate anyway. An lse gradient (return_lse=True and lse used in the loss) falls back to the
             lean backward for that part.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 import torch
@@ -76,19 +79,12 @@ backends.register_support("linear_cross_entropy", "cuda", _cuda_linear_support)
 
 # ---- the "torch" backend of linear cross-entropy, in the ops' signatures -----------------------
 
-def _chunk_elements(memory_budget: Optional[int]) -> int:
-    # A chunk's fp32 logits, probabilities, gradient and the temporaries between them: about
-    # 32 bytes an element at the peak (measured by benchmarks/bench_cross_entropy.py on CPU).
-    budget = LEAN_BUDGET if memory_budget is None else memory_budget
-    return max(1 << 12, budget // 32)
-
-
 def _torch_lce_fwd(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
                    memory_budget=None):
     return reference.linear_cross_entropy_forward(
         hidden, weight, targets, bias, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        chunk_elements=_chunk_elements(memory_budget))
+        chunk_elements=reference.chunk_elements(memory_budget, softcap))
 
 
 def _torch_lce_bwd(grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index,
@@ -96,7 +92,7 @@ def _torch_lce_bwd(grad_rows, grad_lse, hidden, weight, targets, bias, lse, igno
     dh, dw, db = reference.linear_cross_entropy_backward(
         grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-        chunk_elements=_chunk_elements(memory_budget))
+        chunk_elements=reference.chunk_elements(memory_budget, softcap))
     return dh, dw, db if db is not None else hidden.new_empty(0)
 
 
@@ -106,7 +102,7 @@ def _torch_lce_fwd_grad(hidden, weight, targets, bias, ignore_index, label_smoot
     loss_rows, lse, (dh, dw, db) = reference.linear_cross_entropy_forward_with_grad(
         hidden, weight, targets, bias, ignore_index=ignore_index,
         label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, reduction=name,
-        chunk_elements=_chunk_elements(memory_budget))
+        chunk_elements=reference.chunk_elements(memory_budget, softcap))
     loss = reference.reduce_rows(loss_rows, targets, ignore_index, name)
     return loss, lse, dh, dw, db if db is not None else hidden.new_empty(0)
 
@@ -203,6 +199,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 # ---- autograd: linear cross-entropy, budgeted schedule -----------------------------------------
 
+def _graph_is_freed_after_this_backward(saved: Tensor) -> bool:
+    """False under retain_graph=True (the saved tensors will be read again), while tracing
+    (torch.compile, opcheck: fake tensors, dispatch modes) and whenever it cannot be told."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or is_fake(saved) or type(saved) is not torch.Tensor):
+        return False
+    try:
+        return not torch._C._autograd._get_current_graph_task_keep_graph()
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class _LinearCrossEntropyBudgeted(torch.autograd.Function):
     """Gradients computed in forward for a unit upstream gradient of the reduced loss; backward
     scales them (and adds the lean backward of an lse gradient, when the lse is used)."""
@@ -230,6 +240,10 @@ class _LinearCrossEntropyBudgeted(torch.autograd.Function):
         hidden, weight, targets, bias, lse, dh, dw, db = ctx.saved_tensors
         if grad_loss is None:
             dh, dw, db = torch.zeros_like(dh), torch.zeros_like(dw), torch.zeros_like(db)
+        elif _graph_is_freed_after_this_backward(dw):
+            # The saved gradients are used this once: scale them in place (no second buffer
+            # the size of the weight's gradient).
+            dh, dw, db = dh.mul_(grad_loss), dw.mul_(grad_loss), db.mul_(grad_loss)
         else:
             dh, dw, db = dh * grad_loss, dw * grad_loss, db * grad_loss
         if grad_lse is not None:  # rare: the lse itself is in the loss; recompute that part
@@ -396,6 +410,15 @@ def _plan_lce(hidden, weight, targets, *, bias=None, ignore_index=-100, reductio
     return decision, hidden, weight, bias, t
 
 
+def _one_pass(memory_budget: Optional[int], backend: str, device: torch.device) -> bool:
+    """The budgeted (one-pass) schedule, when gradients are wanted and the reduction is mean or
+    sum: asked for with a budget above the lean one, or the CPU default of the torch backend
+    (its chunks then hold no more than the lean schedule's, and the logits are computed once)."""
+    if memory_budget is not None:
+        return memory_budget > LEAN_BUDGET
+    return backend == "torch" and device.type == "cpu"
+
+
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                          bias: Optional[Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0,
@@ -409,8 +432,9 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     Same options and result as `cross_entropy(hidden @ weight.T + bias, targets, ...)`.
     Memory above the inputs and their gradients is O(chunk x V), never O(N x V).
     memory_budget: bytes of working memory the op may use. None (the default, about 64 MiB):
-    the lean schedule, logits recomputed in backward. Larger, with reduction mean/sum: the
-    budgeted schedule, gradients computed in forward (fewer FLOPs, more memory).
+    the lean schedule, logits recomputed in backward (on CPU tensors with the "torch" backend:
+    one pass with ~20 MiB chunks when gradients are wanted). Larger, with reduction mean/sum:
+    the budgeted schedule, gradients computed in forward (fewer FLOPs, more memory).
     """
     decision, h, w, b, t = _plan_lce(hidden, weight, targets, bias=bias,
                                      ignore_index=ignore_index, reduction=reduction,
@@ -435,7 +459,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         else:
             loss_rows, lse = kernel(backend, "linear_cross_entropy_fwd", h, w)(h, w, t, b, *opts)
         loss, _ = _reduce(loss_rows, t, ignore_index, reduction)
-    elif memory_budget is not None and memory_budget > LEAN_BUDGET and reduction != "none":
+    elif reduction != "none" and _one_pass(memory_budget, backend, h.device):
         loss, lse = _LinearCrossEntropyBudgeted.apply(h, w, t, b, *opts, reduction,
                                                       memory_budget, backend)
     else:
@@ -445,4 +469,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
 
 
 backends.register_planner("cross_entropy", lambda *a, **kw: _plan_ce(*a, **kw)[0])
-backends.register_planner("linear_cross_entropy", lambda *a, **kw: _plan_lce(*a, **kw)[0])
+def _explain_lce(hidden, weight, targets, **kw) -> backends.Decision:
+    """The decision for `gptfast.explain`, with what the "torch" backend would run (a copy:
+    decisions are cached and shared by calls)."""
+    decision, h, w, b, t = _plan_lce(hidden, weight, targets, **kw)
+    wants_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (h, w, b))
+    budget, softcap = kw.get("memory_budget"), kw.get("softcap")
+    one_pass = (wants_grad and kw.get("reduction", "mean") != "none"
+                and _one_pass(budget, "torch", h.device))
+    return dataclasses.replace(decision, torch_path=reference.linear_cross_entropy_torch_path(
+        t.numel(), w.shape[0], one_pass=one_pass, memory_budget=budget, softcap=softcap))
+
+
+backends.register_planner("linear_cross_entropy", _explain_lce)

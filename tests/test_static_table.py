@@ -1,0 +1,133 @@
+"""scripts/static_table.py: the kernels compiled as the GPU runtime compiles them (sm_90a, no
+GPU), and the committed static tables under benchmarks/results/static/."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STATIC = ROOT / "benchmarks" / "results" / "static"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def _launched(module: str):
+    import re
+    src = (ROOT / "kernels" / f"{module}.py").read_text()
+    jitted = re.findall(r"@triton\.jit\s*\ndef (\w+)\(", src)
+    return [name for name in jitted if re.search(rf"\b{name}\[", src)]
+
+
+@pytest.mark.static_check
+def test_quick_gate(tmp_path):
+    """The make-test gate: every kernel compiles for sm_90a through Triton's JIT with the
+    runtime's specialization; default configurations neither spill nor exceed shared memory,
+    and 16-bit kernels with dots use wgmma (static_table.py exits 1 otherwise)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "static_table.py"), "--quick",
+                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=290)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    (path,) = tmp_path.glob("triton-*.json")
+    data = json.loads(path.read_text())
+    assert data["problems"] == []
+    rows = data["rows"]
+    compiled = {r["kernel"] for r in rows}
+    for name in _launched("attention") + _launched("cross_entropy"):
+        assert name in compiled, f"{name} not compiled:\n{out[-4000:]}"
+
+    def row(kernel, **constexprs):
+        found = [r for r in rows if r["kernel"] == kernel
+                 and all(r["constexprs"].get(k) == v for k, v in constexprs.items())]
+        assert found, (kernel, constexprs)
+        return found[0]
+
+    # The runtime's typing, which a hand-written signature misses: dO's last stride is 1 (a
+    # constant), pointers and multiples of 16 carry divisibility hints.
+    kv = row("_attn_bwd_dkdv", HEAD_DIM=128, IS_CAUSAL=True)
+    assert "stride_dok" in kv["specialization"]["constant_1"]
+    assert {"Q", "K", "Sq", "Sk", "stride_qm"} <= set(kv["specialization"]["divisible_by_16"])
+    # ... and what it buys: the d=128 forward pipelines K/V with cp.async into 128 KiB of shared
+    # memory and runs its products on wgmma; the lean linear CE forward loads asynchronously.
+    fwd = row("_attn_fwd", HEAD_DIM=128, IS_CAUSAL=True)
+    assert fwd["shared"] == 128 * 1024
+    loop = fwd["sass"]["main_loop"]
+    assert loop["loads"].get("LDGSTS") and loop["tensor_core_kind"] == "wgmma"
+    assert "_attn_fwd_inner" in loop["call_site"]
+    assert row("_lce_fwd_kernel")["sass"]["main_loop"]["loads"].get("LDGSTS")
+    for r in rows:
+        assert r["registers"] and r["spill"] == [0, 0], r["kernel"]
+
+
+# Spills a committed table may still show, pinned so that a new one fails here. Triton 3.8: none.
+# Triton 3.6 (the GPU machines'): the table committed with this list found them, 4-164 B, all
+# with optional features on (dropout, ALiBi), none in a default configuration. The three sm_90a
+# bf16 forward ones have entries since (verified for those keys under 3.6 and 3.8; the table
+# shows it once regenerated); the others are open.
+KNOWN_SPILLS = {"3.6.0": {
+    ("sm_90a", "_attn_fwd", "bf16", 64, "alibi+causal"),
+    ("sm_90a", "_attn_fwd", "bf16", 64, "causal+dropout"),
+    ("sm_90a", "_attn_fwd", "bf16", 128, "causal+dropout"),
+    ("sm_90a", "_attn_fwd", "fp32", 64, "alibi+causal+dropout+kpm+window"),
+    ("sm_90a", "_attn_bwd_dkdv", "fp32", 128, "alibi+causal+dropout+kpm+window"),
+    ("sm_90a", "_attn_bwd_dq", "bf16", 256, "alibi+causal+dropout+kpm+window"),
+    ("sm_80", "_attn_bwd_dkdv", "bf16", 96, "alibi+causal+dropout+kpm+window"),
+    ("sm_80", "_attn_bwd_dkdv", "bf16", 128, "alibi+causal+dropout+kpm+window"),
+    ("sm_80", "_attn_bwd_dkdv", "fp32", 64, "alibi+causal+deterministic+dropout+kpm+window"),
+    ("sm_80", "_attn_bwd_dkdv", "fp32", 128, "alibi+causal+dropout+kpm+window"),
+}}
+
+
+@pytest.mark.parametrize("version", ["3.8.0", "3.6.0"])
+def test_committed_tables(version):
+    """The committed tables: both archs, every launched kernel, no problem, no spill beyond the
+    pinned known ones."""
+    data = json.loads((STATIC / f"triton-{version}.json").read_text())
+    meta = data["meta"]
+    assert meta["triton"] == version and meta["archs"] == ["sm_90a", "sm_80"]
+    assert len(meta["kernel_hash"]) == 12 and not meta["quick"]
+    assert data["problems"] == []
+    rows = data["rows"]
+    for arch in ("sm_90a", "sm_80"):
+        compiled = {r["kernel"] for r in rows if r["arch"] == arch}
+        assert set(_launched("attention") + _launched("cross_entropy")) <= compiled, arch
+    spilling = {(r["arch"], r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM"),
+                 "+".join(r["features"])) for r in rows if r["spill"] is None or any(r["spill"])}
+    assert spilling <= KNOWN_SPILLS.get(version, set()), spilling - KNOWN_SPILLS.get(version, set())
+    assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
+
+
+def _row(**kw):
+    row = {"arch": "sm_90a", "kernel": "_attn_fwd", "dtype": "bf16", "features": [],
+           "constexprs": {"HEAD_DIM": 128, "BLOCK_D": 128}, "shapes": ["B=2 H=16 S=4096 d=128"],
+           "registers": 200, "spill": [0, 0], "shared": 1024, "shared_limit": 232448,
+           "gate": True, "has_dot": True, "sass": {"tensor_core": {"HGMMA": 4},
+                                                   "tensor_core_kind": "wgmma"}}
+    row.update(kw)
+    return row
+
+
+def test_gate_rules():
+    """What fails the gate: any shared memory overflow; on sm_90a with default features a spill
+    or 16-bit dots without wgmma (known exceptions aside); spills with features only --strict."""
+    import static_table as T  # imported, not run: no compiling here
+    assert T.judge([_row()], [], strict=False) == []
+    assert T.judge([_row(shared=300000)], [], strict=False)
+    assert T.judge([_row(spill=[8, 4])], [], strict=False)
+    assert T.judge([_row(spill=[8, 4], gate=False, features=["dropout"])], [], strict=False) == []
+    assert T.judge([_row(spill=[8, 4], gate=False, features=["dropout"])], [], strict=True)
+    assert T.judge([_row(spill=[8, 4], arch="sm_80")], [], strict=False) == []
+    no_wgmma = {"tensor_core": {"HMMA": 8}, "tensor_core_kind": "mma.sync"}
+    assert T.judge([_row(sass=no_wgmma)], [], strict=False)
+    assert T.judge([_row(sass=no_wgmma, dtype="fp32")], [], strict=False) == []
+    known = _row(sass=no_wgmma, kernel="_attn_bwd_dq", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
+    assert T.judge([known], [], strict=False) == []
+    assert T.judge([_row(registers=None)], [], strict=False)  # no ptxas log: unknown, fails
+    assert T._tile({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 128, "IS_CAUSAL": True}) == 8192
+    assert T._site_label("attention.py:260 acc = f(  # interior: no mask math") == \
+        "attention.py:260 (interior: no mask math)"
+    with pytest.raises(RuntimeError, match="needs a GPU"):
+        T.StandInDriver(90).launcher_cls
