@@ -1,9 +1,14 @@
 """Linear cross-entropy (projection onto the vocabulary + softmax CE), forward + backward.
 
-gptfast (lean schedule, and budgeted with memory_budget = 1 GiB) against eager with fp32
-logits (`F.cross_entropy((h @ w.T).float(), t)`), torch.compile of that, Liger's fused linear
-cross-entropy (liger-kernel 0.8.5) and Apple's Cut Cross-Entropy (25.1.1, gradient filtering
-off) when importable. bf16 on a GPU; gradients for hidden and weight.
+gptfast (lean schedule, and budgeted with memory_budget = 1 GiB; "auto" backend, plus the CUDA C++
+kernels by name) against eager with fp32 logits (`F.cross_entropy((h @ w.T).float(), t)`),
+torch.compile of that, Liger's fused linear cross-entropy (liger-kernel 0.8.5) and Apple's Cut
+Cross-Entropy (25.1.1, gradient filtering off) when importable. bf16 on a GPU; gradients for
+hidden and weight.
+
+On a GPU also cross-entropy over given logits (N x V, bf16; forward + in-place backward), whose
+goal is bandwidth: it reads the logits twice and writes the gradient once, and its
+`roofline_fraction` is those bytes over the copy bandwidth measured in the same run.
 
 Reported per shape (N, D, V): time of one step, TFLOP/s (6·N·D·V per step), the fraction of the
 roofline 6·N·D·V / (bf16 matmul rate measured in this run), and peak memory above the inputs
@@ -28,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 LEAN, BUDGETED = "gptfast-lean", "gptfast-budget-1GiB"
+CUDA_LEAN = "gptfast-cuda-lean"                 # the CUDA C++ kernels by name (csrc/)
+LOGITS = {"gptfast-cuda-logits": "cuda", "gptfast-triton-logits": "triton"}  # over given logits
+TORCH_LOGITS = "torch-logits"
 EAGER, COMPILED = "eager-fp32-logits", "torch.compile"
 LIGER, CCE = "liger-fused-linear-ce", "cut-cross-entropy"
 PINNED = {LIGER: ("liger-kernel", "0.8.5"), CCE: ("cut-cross-entropy", "25.1.1")}
@@ -51,9 +59,10 @@ def eager_loss(h, w, t):
     return F.cross_entropy((h @ w.T).float(), t)
 
 
-def gptfast_loss(memory_budget: Optional[int]) -> Callable:
+def gptfast_loss(memory_budget: Optional[int], backend: str = "auto") -> Callable:
     import gptfast
-    return lambda h, w, t: gptfast.linear_cross_entropy(h, w, t, memory_budget=memory_budget)
+    return lambda h, w, t: gptfast.linear_cross_entropy(h, w, t, memory_budget=memory_budget,
+                                                        backend=backend)
 
 
 def _version_note(peer: str) -> str:
@@ -79,6 +88,10 @@ def cce_loss() -> Callable:
 def peers(run: harness.Run) -> Dict[str, Callable]:
     out: Dict[str, Callable] = {LEAN: gptfast_loss(None), BUDGETED: gptfast_loss(harness.GiB),
                                 EAGER: eager_loss}
+    if run.is_cuda:
+        out[CUDA_LEAN] = gptfast_loss(None, backend="cuda")
+    else:
+        run.missing(CUDA_LEAN, "CUDA C++ kernels (CPU run)")
     if run.is_cuda or not run.tiny:   # compiling on a small shared CPU takes too long for tests
         out[COMPILED] = torch.compile(eager_loss, dynamic=False)
     else:
@@ -133,6 +146,47 @@ def measure(run: harness.Run, label: str, name: str, fn: Callable, N: int, D: in
     return row
 
 
+# ---- cross-entropy over given logits (GPU only) ------------------------------------------------
+
+LOGITS_SHAPES = [("logits GPT-2", 16384, 50257), ("logits Llama-3", 8192, 128256)]
+
+
+def measure_logits(run: harness.Run, label: str, name: str, N: int, V: int, dtype) -> dict:
+    """Forward + backward over given (N, V) logits; the gradient written in place for gptfast."""
+    import torch.nn.functional as F  # noqa: N812
+    import gptfast
+    elt = torch.empty((), dtype=dtype).element_size()
+    moved = 3 * N * V * elt            # read in forward, read + write in backward
+    row = dict(peer=name, shape=label, N=N, D=0, V=V, ms=None, tflops=None,
+               roofline_fraction=None, peak_mem_bytes=None, grad_bytes=N * V * elt, loss=None,
+               error=None)
+    gen = torch.Generator(device=run.device).manual_seed(N + V)
+    x = (torch.randn(N, V, device=run.device, generator=gen) * 2).to(dtype)
+    t = torch.randint(0, V, (N,), device=run.device, generator=gen)
+    backend = LOGITS.get(name)
+
+    def step():
+        logits = x.detach().clone().requires_grad_()   # a fresh leaf, as a model's output
+        if backend is None:
+            loss = F.cross_entropy(logits.float(), t)
+        else:
+            loss = gptfast.cross_entropy(logits, t, inplace_backward=True, backend=backend)
+        loss.backward()
+        return loss
+    try:
+        row["loss"] = float(step().detach())
+        clone_ms = run.time_ms(lambda: x.clone())   # the clone is not the op's: subtract it
+        row["ms"] = max(run.time_ms(step) - clone_ms, 1e-6)
+        row["roofline_fraction"] = moved / (row["ms"] * 1e-3) / (run.ceilings["copy_TBps"] * 1e12)
+        row["peak_mem_bytes"] = run.peak_bytes(step)
+    except Exception as e:  # noqa: BLE001 - a failing peer is a row with its error
+        row["error"] = "out of memory" if harness.is_oom(e) else harness.error_text(e)
+    finally:
+        del x, t
+        run.empty_cache()
+    return row
+
+
 # ---- goals (pure: unit-tested on synthetic rows) --------------------------------------------------
 
 def _get(rows, peer, shape, key):
@@ -156,8 +210,16 @@ def cross_entropy_goals(rows: List[dict], judged: bool = True) -> List[dict]:
         return harness.ratio(_get(rows, LEAN, s, "peak_mem_bytes"),
                              None if g is None else g + LEAN_SLACK)
 
+    logit_labels = [lb for lb in labels if lb.startswith("logits")]
+    labels = [lb for lb in labels if not lb.startswith("logits")]
     spec = [
         ("lce lean peak memory / (gradients + 64 MiB)", lean_mem, 1.0, "<="),
+        ("lce cuda lean peak memory / (gradients + 64 MiB)",
+         lambda s: harness.ratio(_get(rows, CUDA_LEAN, s, "peak_mem_bytes"),
+                                 None if _get(rows, CUDA_LEAN, s, "grad_bytes") is None
+                                 else _get(rows, CUDA_LEAN, s, "grad_bytes") + LEAN_SLACK), 1.0, "<="),
+        ("lce cuda lean speed vs Cut CE (time ratio)",
+         lambda s: harness.ratio(_get(rows, CCE, s, "ms"), _get(rows, CUDA_LEAN, s, "ms")), 1.0, ">="),
         ("lce lean speed vs Cut CE (time ratio)",
          lambda s: harness.ratio(_get(rows, CCE, s, "ms"), _get(rows, LEAN, s, "ms")), 1.0, ">="),
         ("lce budget(1 GiB) speed vs torch.compile",
@@ -172,6 +234,12 @@ def cross_entropy_goals(rows: List[dict], judged: bool = True) -> List[dict]:
         value, detail = per_shape(fn, direction)
         goals.append(harness.goal(name, value, target, direction=direction, judged=judged,
                                   detail=detail))
+    if logit_labels:  # the CUDA row kernels: bytes moved over the measured copy bandwidth
+        labels = logit_labels
+        value, detail = per_shape(
+            lambda s: _get(rows, "gptfast-cuda-logits", s, "roofline_fraction"), ">=")
+        goals.append(harness.goal("ce over logits (cuda) / copy bandwidth", value, 0.85,
+                                  judged=judged, detail=detail))
     return goals
 
 
@@ -224,6 +292,17 @@ def main(argv=None) -> int:
                   + ("" if row["peak_mem_bytes"] is None
                      else f"{row['peak_mem_bytes'] / harness.MiB:.0f} MiB ")
                   + (row["error"] or ""), flush=True)
+    if run.is_cuda:
+        for label, N, V in (LOGITS_SHAPES[:1] if run.quick else LOGITS_SHAPES):
+            for name in (*LOGITS, TORCH_LOGITS):
+                row = run.add_row(**measure_logits(run, label, name, N, V, dtype))
+                print(f"  {label:14s} {name:22s} "
+                      + ("–" if row["ms"] is None else f"{row['ms']:.3g} ms, "
+                         f"{row['roofline_fraction']:.2f} of copy bandwidth ")
+                      + (row["error"] or ""), flush=True)
+    else:
+        for name in (*LOGITS, TORCH_LOGITS):
+            run.skip(name, "logits", "cross-entropy over logits is measured on a GPU only")
     run.mark_failed_peers_missing()
     run.goals = cross_entropy_goals(run.rows, judged=run.is_cuda)
     run.finish(table(run.rows), plot(run.rows, f"linear cross-entropy, {run.slug}"))

@@ -595,7 +595,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             f"per step is batch_size x grad_accum, whatever the number of processes)")
     ctx = setup(cfg.parallel, cfg.device, launch)
     try:
-        return _train(cfg, ctx)
+        result = _train(cfg, ctx)
+        # Every process is past its last collective before any of them tears the group down:
+        # gloo aborts a process whose peer destroys the group while it still uses it.
+        ctx.barrier()
+        return result
     finally:
         ctx.close()
 

@@ -6,12 +6,15 @@ and no network: nothing here creates a venv or downloads anything. Stages, each 
 with its own timeout (a slow stage costs only itself), each writing its results as it goes:
 
   env       facts: python, torch, triton, nvcc, the GPU, commit, hash of kernels/ and csrc/
-  install   `pip install --no-deps --no-build-isolation -e .` (fallback: PYTHONPATH + a shadow
-            package with symlinks); peer wheels from .whl/ into a private --target folder
-  build     csrc/ -> gptfast._C (`setup.py build_ext --inplace`), skipped when csrc/ has no sources
+  install   `pip install --no-deps --no-build-isolation -e .` without the CUDA build
+            (GPTFAST_SKIP_CUDA_BUILD=1; fallback: PYTHONPATH + a shadow package with symlinks);
+            peer wheels from .whl/ into a private --target folder
+  build     csrc/ -> gptfast._C with `make build-cuda` (nvcc, sm_80 + sm_90a, MAX_JOBS = all
+            cores), the same target `make test` uses; skipped when csrc/ has no sources
   pytest    `pytest -m gpu` -> pass/fail/skip counts from its junit xml
-  train     a short training run of the demo model, counting kernel launches (proof that the
-            fused ops run inside the model) and recording gptfast.explain's decisions
+  train     a short training run of the demo model, counting kernel launches, Triton's and the
+            CUDA module's (proof that the fused ops run inside the model) and recording
+            gptfast.explain's decisions
   train-ddp the same trainer under torchrun, one process, --parallel ddp (NCCL): a few steps
   bench-*   the four benchmarks in quick mode
 
@@ -46,16 +49,20 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from provenance import git_info, kernel_hash  # noqa: E402  (torch-free)
 
 BENCHES = ("attention", "cross_entropy", "train", "generate")
-# (stage, own timeout s, floor s). The whole check has a deadline (--budget, 290 s: under
-# five minutes on an H100 with a build); a stage gets min(own, time left - floors of the
-# stages after it), never less than its floor. Measured guesses, tune from results.json.
-STAGES = [("env", 30, 10), ("install", 60, 15), ("build", 100, 40), ("pytest", 90, 30),
-          ("train", 45, 20), ("train-ddp", 40, 15), ("bench-attention", 60, 25), ("bench-cross_entropy", 70, 25),
-          ("bench-train", 90, 30), ("bench-generate", 40, 15)]
+# (stage, own timeout s, floor s). The whole check has a deadline (--budget, 420 s): env +
+# install + the nvcc build of csrc/ take up to ~2.5 minutes, and everything after the build
+# (tests, training smoke run, benchmarks) fits in 5 minutes, so two runs fit one 15-minute
+# device session with the machine's start. A stage gets min(own, time left - floors of the
+# stages after it), never less than its floor. Estimates (no GPU run yet): tune from
+# results.json (stages.<name>.seconds).
+STAGES = [("env", 20, 10), ("install", 40, 15), ("build", 120, 60), ("pytest", 75, 30),
+          ("train", 30, 15), ("train-ddp", 25, 10), ("bench-attention", 45, 20),
+          ("bench-cross_entropy", 50, 20), ("bench-train", 55, 25), ("bench-generate", 20, 10)]
 # Rows a GPU run must have, per benchmark: (peer, required only when its wheel was brought).
 REQUIRED = {
     "attention": [("sdpa-flash", None), ("sdpa-cudnn", None)],
-    "cross_entropy": [("torch.compile", None), ("liger-fused-linear-ce", "liger_kernel"),
+    "cross_entropy": [("torch.compile", None), ("gptfast-cuda-lean", None),
+                      ("gptfast-cuda-logits", None), ("liger-fused-linear-ce", "liger_kernel"),
                       ("cut-cross-entropy", "cut_cross_entropy")],
     "train": [("gptfast compiled", None), ("sdpa-full-logits compiled", None)],
     "generate": [],
@@ -196,8 +203,11 @@ class Check:
         if self.dry_run:
             notes.append("dry run: the interpreter's existing install is used")
         else:
+            # The CUDA extension is the build stage's job (its own timeout and log).
+            self.env["GPTFAST_SKIP_CUDA_BUILD"] = "1"
             r = self.python("install", ["-m", "pip", "install", "--no-deps",
                                         "--no-build-isolation", "-e", "."], timeout * 0.6)
+            del self.env["GPTFAST_SKIP_CUDA_BUILD"]
             if r["rc"] != 0:
                 notes.append("pip -e failed: PYTHONPATH + shadow package")
                 self.shadow_package()
@@ -246,16 +256,36 @@ class Check:
             return {"status": "skipped", "note": "csrc/ has no sources"}
         if self.dry_run:
             return {"status": "skipped", "note": f"dry run: {len(sources)} sources not built"}
-        env_jobs = dict(self.env, MAX_JOBS=str(os.cpu_count() or 8))
-        r = run_cmd([self.py, "setup.py", "build_ext", "--inplace"], self.logs / "build.log",
-                    timeout - 10, env_jobs)
+        jobs = str(os.cpu_count() or 8)
+        env_jobs = dict(self.env, MAX_JOBS=jobs)
+        # The GPU tests compare the hardware with the CPU execution layer: build that too (g++,
+        # torch.utils.cpp_extension), at the same time as nvcc builds the extension.
+        sim_log = open(self.logs / "build-cuda-sim.log", "w")
+        sim = subprocess.Popen([self.py, "-c", "from gptfast import cuda_sim; print(cuda_sim.load())"],
+                               cwd=REPO, env=env_jobs, stdout=sim_log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+        t0 = time.monotonic()
+        if shutil.which("make"):
+            cmd = ["make", "--no-print-directory", "build-cuda", f"BUILD_PY={self.py}",
+                   f"MAX_JOBS={jobs}"]
+        else:
+            cmd = [self.py, "setup.py", "build_ext", "--inplace"]
+        r = run_cmd(cmd, self.logs / "build.log", timeout - 10, env_jobs)
+        try:
+            sim_rc = sim.wait(timeout=max(1.0, timeout - 5 - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            os.killpg(sim.pid, signal.SIGKILL)
+            sim.wait()
+            sim_rc = None
+        sim_log.close()
         if self.results["stages"].get("install", {}).get("note", "").count("shadow"):
             self.shadow_package()      # pick up the freshly built gptfast/_C*.so
         v = run_cmd([self.py, "-c", "import gptfast._C as m; print(m.__file__)"],
                     self.logs / "build.log", 30, self.env, cwd=Path(tempfile.gettempdir()))
-        return {"status": self.status_of(r, v["rc"] == 0), **r,
+        sim_note = {0: "ok", None: "TIMED OUT"}.get(sim_rc, "FAILED")
+        return {"status": self.status_of(r, v["rc"] == 0 and sim_rc == 0), **r,
                 "note": f"{len(sources)} sources; import gptfast._C "
-                        + ("ok" if v["rc"] == 0 else "FAILED")}
+                        + ("ok" if v["rc"] == 0 else "FAILED") + f"; CPU layer {sim_note}"}
 
     def pytest_stage(self, timeout: float) -> dict:
         junit = self.work / "junit.xml"
@@ -463,7 +493,12 @@ def train_probe(path: Path, device: str) -> int:
             counters[mod] = __import__(f"gptfast.kernels.{mod}", fromlist=["LAUNCHES"]).LAUNCHES
         except Exception as e:  # noqa: BLE001
             print(f"no launch counter for {mod}: {e}")
-    before = {m: dict(c) for m, c in counters.items()}
+    # The CUDA C++ kernels count their op calls (gptfast._C.launch_counts()); "auto" picks them
+    # over Triton where they support the inputs (linear cross-entropy in bf16, for one).
+    cuda_ext = gptfast.ops.backends.cuda_extension()
+    if getattr(cuda_ext, "launch_counts", None) is not None:
+        counters["cuda"] = cuda_ext.launch_counts
+    before = {m: dict(c() if callable(c) else c) for m, c in counters.items()}
     cuda = device == "cuda"
     if not cuda:
         torch.set_num_threads(1)   # a shared CPU: multi-threaded barriers cost whole quanta
@@ -475,7 +510,7 @@ def train_probe(path: Path, device: str) -> int:
                           progress=False, plot=False, warmup=5)
         summary = train(cfg)
     launches = {f"{m}.{k}": v - before[m].get(k, 0) for m, c in counters.items()
-                for k, v in c.items()}
+                for k, v in (c() if callable(c) else c).items()}
     # What the model's own calls decide, on its shapes (bf16 as under autocast on a GPU).
     from gptfast.model import get_config
     c = get_config(preset)
@@ -492,7 +527,8 @@ def train_probe(path: Path, device: str) -> int:
     if cuda:
         fused = (launches.get("attention.attention_fwd", 0) > 0
                  and launches.get("attention.attention_bwd", 0) > 0
-                 and launches.get("cross_entropy.lce_fwd", 0) > 0)
+                 and (launches.get("cross_entropy.lce_fwd", 0) > 0
+                      or launches.get("cuda.cuda_linear_cross_entropy_fwd", 0) > 0))
     info = {"preset": preset, "device": device, "summary": summary, "launches": launches,
             "explain": explain, "fused_ops_ran": fused}
     path.write_text(json.dumps(info, indent=1, default=str))
@@ -508,7 +544,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default $OUT, else gpu-check-out/)")
     p.add_argument("--dry-run", action="store_true",
                    help="the CPU path: no install or build, tiny benchmarks (automatic without CUDA)")
-    p.add_argument("--budget", type=float, default=290.0,
+    p.add_argument("--budget", type=float, default=420.0,
                    help="seconds for the whole check (stage timeouts shrink to fit)")
     p.add_argument("--timeout-scale", type=float, default=1.0,
                    help="multiply every stage's own timeout (slower machines)")

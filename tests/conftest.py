@@ -1,12 +1,15 @@
 """Test set-up. Without a GPU, the Triton kernels run under the interpreter, which must be
-switched on before Triton is first imported; `backend="auto"` never picks it, so only tests
-that ask for backend="triton" pay for it."""
+switched on before Triton is first imported, and the CUDA C++ kernels on the CPU execution layer
+(GPTFAST_CUDA_SIM=1, read when gptfast is imported); `backend="auto"` never picks either, so
+only tests that ask for backend="triton" or "cuda" pay for them (the layer is compiled on its
+first use)."""
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("GPTFAST_CUDA_SIM", "1")
 
 import pytest  # noqa: E402
 

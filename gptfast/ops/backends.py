@@ -1,7 +1,9 @@
 """Which implementation runs an op: backend availability, per-op support, and the choice.
 
 Backends, in the order `"auto"` tries them:
-  "cuda"   - CUDA C++ kernels from `csrc/`, built as the extension `gptfast._C`;
+  "cuda"   - CUDA C++ kernels from `csrc/`, built as the extension `gptfast._C` (on CUDA
+             tensors; on CPU tensors only when GPTFAST_CUDA_SIM=1 is set, through the CPU
+             execution layer of `gptfast/cuda_sim.py`, and only when asked for by name);
   "triton" - Triton kernels from `kernels/` (on CUDA tensors; on CPU tensors only when
              TRITON_INTERPRET=1 was set before Triton was imported, which is how CI tests them,
              and only when asked for by name: "auto" never runs the interpreter; bf16 there
@@ -77,6 +79,7 @@ def register_planner(op: str, fn: Callable[..., Decision]) -> None:
 # torch.compile reads them as constants. TRITON_INTERPRET is read when gptfast is imported (it
 # must be set before Triton is imported anyway).
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_CUDA_SIM = os.environ.get("GPTFAST_CUDA_SIM", "0") == "1"
 _TRITON_SPEC = importlib.util.find_spec("triton") is not None
 _triton_version_probed: Optional[str] = None  # set by the first eager probe
 _triton_probed = False
@@ -151,11 +154,37 @@ def cuda_extension():
     return _CUDA_EXT
 
 
+def cuda_sim_enabled() -> bool:
+    return _CUDA_SIM
+
+
 def cuda_unavailable(device: torch.device) -> Optional[str]:
+    if device.type == "cpu" and _CUDA_SIM:
+        return None  # the CPU execution layer: built and loaded when first chosen (_decide)
+    if device.type == "cpu":
+        return ("the CUDA kernels need CUDA tensors, got cpu tensors (GPTFAST_CUDA_SIM=1 runs "
+                "them on the CPU execution layer, for tests)")
     if device.type != "cuda":
         return f"the CUDA kernels need CUDA tensors, got {device.type} tensors"
     if _CUDA_EXT is None:
         return _CUDA_EXT_WHY
+    return None
+
+
+_cuda_sim_module = None
+
+
+def _load_cuda_sim() -> Optional[str]:
+    """Build (first time) and load the CPU execution layer, which registers the CPU kernels of
+    the gptfast::cuda_* ops. Returns why it cannot, or None. Under torch.compile it must already
+    be loaded (any eager call does it, or gptfast.cuda_sim.load())."""
+    global _cuda_sim_module
+    if _cuda_sim_module is None:
+        from .. import cuda_sim
+        try:
+            _cuda_sim_module = cuda_sim.load()
+        except Exception as e:  # noqa: BLE001 - reported as the reason, never silently skipped
+            return f"the CUDA sim layer (GPTFAST_CUDA_SIM=1) failed to build or load: {e}"
     return None
 
 
@@ -209,11 +238,19 @@ def _decide(op: str, requested: str, device: torch.device, facts) -> Decision:
     if requested == "auto":
         # The Triton interpreter is a test harness (thousands of times slower than the
         # reference), so "auto" never picks it; backend="triton" asks for it explicitly.
+        # Likewise the CUDA kernels' CPU execution layer.
         auto_ok = {b: why for b, why in reasons.items()
-                   if why is None and not (b == "triton" and device.type == "cpu")}
+                   if why is None and not (b in KERNEL_BACKENDS and device.type == "cpu")}
         backend = next(b for b in BACKENDS if b in auto_ok)
     elif reasons[requested] is None:
         backend = requested
+        if backend == "cuda" and device.type == "cpu":
+            why = _load_cuda_sim()
+            if why is not None:
+                reasons["cuda"] = why
+                able = [b for b in BACKENDS if reasons[b] is None]
+                error = (f"{op}: backend='cuda' cannot run these inputs: {why}. "
+                         f"Backends that can: {', '.join(able)}")
     else:
         able = [b for b in BACKENDS if reasons[b] is None]
         backend = requested
@@ -247,7 +284,8 @@ def report() -> str:
     else:
         lines.append("GPU     none")
         device = torch.device("cpu")
-    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+                 f"GPTFAST_CUDA_SIM={os.environ.get('GPTFAST_CUDA_SIM', '0')}")
     if interpreter_enabled() and _triton_version() is not None:
         why = interpreter_bf16_problem()
         from gptfast.kernels import _interpreter

@@ -55,6 +55,28 @@ for _op in ("cross_entropy", "linear_cross_entropy"):
     backends.register_support(_op, "triton", _triton_support)
 
 
+def _cuda_support(f: Facts) -> Optional[str]:
+    """The CUDA C++ row kernels (csrc/cross_entropy/cross_entropy.cu)."""
+    if f.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {f.dtype} is not supported (fp16, bf16, fp32)"
+    return None
+
+
+def _cuda_linear_support(f: Facts) -> Optional[str]:
+    """The CUDA C++ linear kernels (csrc/cross_entropy/linear_cross_entropy.cu): mma.sync tiles."""
+    if f.dtype == torch.float32:
+        return ("float32 is not supported: these kernels are built on mma.sync, which has no "
+                "fp32 form, and gptfast does not silently use TF32 (use fp16/bf16, or "
+                "backend='triton' / 'torch')")
+    if f.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {f.dtype} is not supported (fp16, bf16)"
+    return None
+
+
+backends.register_support("cross_entropy", "cuda", _cuda_support)
+backends.register_support("linear_cross_entropy", "cuda", _cuda_linear_support)
+
+
 # ---- the "torch" backend of linear cross-entropy, in the ops' signatures -----------------------
 
 def _torch_lce_fwd(hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
