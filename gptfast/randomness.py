@@ -16,8 +16,10 @@ hashes (key, site, position):
 H is MurmurHash3's 32-bit finalizer, computed with int64 torch ops on values below 2**32 (the
 multiplications are split in 16-bit halves, so no product overflows int64): the same bits on
 every device and in every batch layout. Cost: ~25 elementwise int64 ops per element of a
-dropout site (a fused Bernoulli draw is one), so keyed dropout is slower than nn.Dropout in
-eager mode; under torch.compile it fuses into one kernel. A zero dropout costs nothing.
+dropout site (a fused Bernoulli draw is one) in the torch expression, so on eager CUDA tensors
+`keyed_dropout` runs a Triton kernel instead (`gptfast/kernels/dropout.py`: one read and one
+write of x, the mask regenerated in backward, never stored), bit for bit the same mask; under
+torch.compile the torch expression fuses into one kernel. A zero dropout costs nothing.
 
 Not keyed: the attention-probability dropout. Its mask comes from the fused kernel's Philox
 counter (batch row, head, query, key) under one seed per call, and on the CPU from the
@@ -78,16 +80,6 @@ def derive_keys(keys: Tensor, salt: int) -> Tensor:
     return mix32(keys ^ mix32(int(salt) & M32))
 
 
-def keyed_bits(keys: Tensor, site: int, n: int) -> Tensor:
-    """(B, n) int64 uniform 32-bit values: row b's values are a function of (keys[b], site,
-    position) only."""
-    if n > 2**32:
-        raise ValueError(f"keyed randomness: {n} values per row exceed 2**32")
-    site_keys = mix32(keys ^ mix32((int(site) * 0x9E3779B1) & M32))                  # (B,)
-    pos = mix32(torch.arange(n, dtype=torch.int64, device=keys.device) ^ 0x165667B1)  # (n,)
-    return mix32(pos[None, :] ^ site_keys[:, None])                                  # (B, n)
-
-
 def keyed_uniform(keys: Tensor, site: int, shape) -> Tensor:
     """Uniform float32 in [0, 1) of shape (B, *shape), 24 bits each, keyed per row."""
     shape = tuple(shape)
@@ -98,17 +90,61 @@ def keyed_uniform(keys: Tensor, site: int, shape) -> Tensor:
     return ((bits >> 8).to(torch.float32) * 2.0**-24).view(keys.shape[0], *shape)
 
 
-def keyed_dropout(x: Tensor, p: float, keys: Tensor, site: int) -> Tensor:
+def _site_keys(keys: Tensor, site: int) -> Tensor:
+    return mix32(keys ^ mix32((int(site) * 0x9E3779B1) & M32))
+
+
+def keyed_bits(keys: Tensor, site: int, n: int) -> Tensor:
+    """(B, n) int64 uniform 32-bit values: row b's values are a function of (keys[b], site,
+    position) only."""
+    if n > 2**32:
+        raise ValueError(f"keyed randomness: {n} values per row exceed 2**32")
+    pos = mix32(torch.arange(n, dtype=torch.int64, device=keys.device) ^ 0x165667B1)  # (n,)
+    return mix32(pos[None, :] ^ _site_keys(keys, site)[:, None])                     # (B, n)
+
+
+class _KeyedDropoutKernel(torch.autograd.Function):
+    """The Triton kernel (`gptfast.kernels.dropout`): the mask is recomputed from the keys in
+    backward, never stored; bit for bit the mask of the torch expression below."""
+
+    @staticmethod
+    def forward(ctx, x, site_keys, threshold, scale):
+        from gptfast.kernels import dropout as kern
+        ctx.save_for_backward(site_keys)
+        ctx.args = (threshold, scale)
+        return kern.keyed_dropout(x, site_keys, threshold, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from gptfast.kernels import dropout as kern
+        (site_keys,) = ctx.saved_tensors
+        return kern.keyed_dropout(grad, site_keys, *ctx.args), None, None, None
+
+
+def _use_kernel(x: Tensor) -> bool:
+    """Eager CUDA tensors take the Triton kernel (one pass instead of ~25 int64 ops an
+    element); under torch.compile the torch expression fuses into one kernel anyway."""
+    from .ops import backends
+    return (x.device.type == "cuda" and not torch.compiler.is_compiling()
+            and backends.triton_unavailable(x.device) is None)
+
+
+def keyed_dropout(x: Tensor, p: float, keys: Tensor, site: int, *,
+                  use_kernel: Optional[bool] = None) -> Tensor:
     """Inverted dropout of x (B, ...) whose mask for row b depends only on (keys[b], site,
-    position in the row): the same whichever batch, process or micro-step the row is in."""
+    position in the row): the same whichever batch, process or micro-step the row is in.
+    use_kernel: None picks the Triton kernel for eager CUDA tensors; True/False force it (the
+    tests run it under the Triton interpreter on CPU)."""
     if p == 0.0:
         return x
     if keys.dim() != 1 or keys.shape[0] != x.shape[0]:
         raise ValueError(f"keyed_dropout: keys must be ({x.shape[0]},) for x of shape "
                          f"{tuple(x.shape)}, got {tuple(keys.shape)}")
-    keep = keyed_bits(keys, site, x[0].numel()).view(x.shape) >= round(p * 2.0**32)
-    return torch.where(keep, x * (1.0 / (1.0 - p)), torch.zeros((), dtype=x.dtype,
-                                                                 device=x.device))
+    threshold, scale = round(p * 2.0**32), 1.0 / (1.0 - p)
+    if use_kernel if use_kernel is not None else _use_kernel(x):
+        return _KeyedDropoutKernel.apply(x, _site_keys(keys, site), threshold, scale)
+    keep = keyed_bits(keys, site, x[0].numel()).view(x.shape) >= threshold
+    return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 class KeyedDropout(nn.Dropout):
