@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass
