@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 import gptfast.kernels.cross_entropy as ce  # noqa: E402
+import gptfast.kernels.cross_entropy_plan as plan  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _ce_ref import ce_reference, ce_rows_reference, linear_ce_reference  # noqa: E402
@@ -305,7 +306,7 @@ def test_linear_ce_lean_default_budget_and_strided_inputs():
     w = _randn((D, V), gen, torch.float32, scale=0.3).t()   # transposed view
     t = _targets(N, V, gen, 0.1)
     opts = _opts(softcap=5.0)
-    for budget in (None, ce.LEAN_MAX_BUDGET):
+    for budget in (None, plan.LEAN_MAX_BUDGET):
         loss, lse, grads = ce.linear_cross_entropy_forward(h, w, t, None, reduction="sum",
                                                            memory_budget=budget, **opts)
         assert grads is None
@@ -353,46 +354,60 @@ def test_linear_ce_out_of_range_target_gives_nan_row():
 
 # --------------------------------------------------- linear cross-entropy, budgeted schedule
 BUDGET_CASES = [
-    # dtype, N, V, D, bias, options, ignore_frac, reduction, chunks
-    (FP32, 77, 257, 40, True, "everything", 0.2, "mean", 3),
-    (FP32, 64, 1000, 32, False, "plain", 0.0, "sum", 1),
-    (FP16, 70, 1000, 48, True, "ignore_smooth", 0.3, "sum", 4),
-    (FP16, 50, 257, 32, False, "zloss_softcap", 0.1, "mean", 2),
-    (BF16, 77, 257, 40, True, "everything", 0.2, "mean", 3),
-    (BF16, 64, 300, 32, False, "plain", 0.0, "sum", 1),
-    (BF16, 70, 1000, 48, True, "ignore_smooth", 0.3, "sum", 4),
-    (BF16, 50, 257, 32, True, "zloss_softcap", 0.1, "mean", 2),
+    # dtype, N, V, D, bias, options, ignore_frac, reduction, chunks, dW accumulation
+    (FP32, 77, 257, 40, True, "everything", 0.2, "mean", 3, "gradient"),
+    (FP32, 64, 1000, 32, False, "plain", 0.0, "sum", 1, "gradient"),
+    (FP16, 70, 1000, 48, True, "ignore_smooth", 0.3, "sum", 4, "fp32"),
+    (FP16, 50, 257, 32, False, "zloss_softcap", 0.1, "mean", 2, "gradient"),
+    (BF16, 77, 257, 40, True, "everything", 0.2, "mean", 3, "fp32"),
+    (BF16, 64, 300, 32, False, "plain", 0.0, "sum", 1, "gradient"),
+    (BF16, 70, 1000, 48, True, "ignore_smooth", 0.3, "sum", 4, "gradient"),
+    (BF16, 50, 257, 32, True, "zloss_softcap", 0.1, "mean", 2, "fp32"),
 ]
 
 
-@pytest.mark.parametrize("dtype,N,V,D,with_bias,name,ignore_frac,reduction,chunks",
+def _budget_for(monkeypatch, N, V, D, dtype, bias, chunks, dw):
+    """A test-sized budget that gives `chunks` token chunks with dW accumulated in an fp32
+    buffer ("fp32") or in the gradient itself ("gradient"), through the schedule's own layout
+    rule (the lean limit is lowered so that small budgets select the budgeted schedule)."""
+    monkeypatch.setattr(plan, "LEAN_MAX_BUDGET", 0)
+    # The fp32 accumulator may take the whole budget ("fp32"), or never fits ("gradient").
+    monkeypatch.setattr(plan, "FP32_DW_SHARE", 1 if dw == "fp32" else 1 << 40)
+    b = torch.empty((), dtype=dtype).element_size()
+    stride = -(-V // plan.LOGIT_ROW_ALIGN) * plan.LOGIT_ROW_ALIGN
+    acc = (8 * V if bias else 0) + (4 * V * D if dw == "fp32" and b < 4 else 0)
+    budget = acc + stride * b * math.ceil(N / chunks)
+    lay = plan.budgeted_layout(N, D, V, dtype, budget, bias)
+    assert math.ceil(N / lay.chunk_rows) == chunks and lay.dw_fp32 == (dw == "fp32"), lay
+    return budget
+
+
+@pytest.mark.parametrize("dtype,N,V,D,with_bias,name,ignore_frac,reduction,chunks,dw",
                          BUDGET_CASES)
 def test_linear_ce_budgeted(monkeypatch, dtype, N, V, D, with_bias, name, ignore_frac,
-                            reduction, chunks):
+                            reduction, chunks, dw):
     gen = torch.Generator().manual_seed(N + V + D)
     opts = OPTION_SETS[name]
     h = _randn((N, D), gen, dtype)
     w = _randn((V, D), gen, dtype, scale=2.0 / math.sqrt(D))
     b = _randn((V,), gen, dtype, scale=0.5) if with_bias else None
     t = _targets(N, V, gen, ignore_frac)
-    # Shrink the lean limit so that a test-sized budget selects the chunked schedule with
-    # the requested number of token chunks.
-    monkeypatch.setattr(ce, "LEAN_MAX_BUDGET", 0)
-    bytes_per_row = V * (4 + (0 if dtype == torch.float32 else 2))
-    budget = bytes_per_row * math.ceil(N / chunks)
+    budget = _budget_for(monkeypatch, N, V, D, dtype, with_bias, chunks, dw)
 
     before = dict(ce.LAUNCHES)
     loss, lse, grads = ce.linear_cross_entropy_forward(h, w, t, b, reduction=reduction,
                                                        memory_budget=budget, **opts)
     assert ce.LAUNCHES["lce_fwd"] == before.get("lce_fwd", 0) + 1
     assert ce.LAUNCHES["lce_bwd"] == before.get("lce_bwd", 0)
-    dh, dw, db = grads
-    assert dh.dtype == dw.dtype == dtype and (db is None) == (b is None)
+    dh, dw_, db = grads
+    assert dh.dtype == dw_.dtype == dtype and (db is None) == (b is None)
 
     n_valid = int((t != IGNORE).sum())
     scale = 1.0 / max(n_valid, 1) if reduction == "mean" else 1.0
     g = torch.full((N,), scale, dtype=torch.float64)
-    _check_linear((loss, lse, dh, dw, db), h, w, t, b, g, None, dtype, opts)
+    _check_linear((loss, lse, dh, dw_, db), h, w, t, b, g, None, dtype, opts)
+    ignored = (t == IGNORE).cpu()
+    assert (loss.cpu()[ignored] == 0).all() and (lse.cpu()[ignored] == 0).all()
 
     # reduction "none" never returns forward gradients, whatever the budget.
     _, _, none_grads = ce.linear_cross_entropy_forward(h, w, t, b, reduction="none",
@@ -407,7 +422,7 @@ def test_linear_ce_budgeted_all_ignored_mean(monkeypatch):
     w = _randn((V, D), gen, torch.float32)
     b = _randn((V,), gen, torch.float32)
     t = torch.full((N,), IGNORE, device=DEVICE)
-    monkeypatch.setattr(ce, "LEAN_MAX_BUDGET", 0)
+    monkeypatch.setattr(plan, "LEAN_MAX_BUDGET", 0)
     loss, lse, (dh, dw, db) = ce.linear_cross_entropy_forward(
         h, w, t, b, reduction="mean", memory_budget=V * 4 * 16, **_opts(label_smoothing=0.1))
     assert (loss == 0).all() and (lse == 0).all()
