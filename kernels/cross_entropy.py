@@ -910,6 +910,10 @@ def _budgeted_forward(hidden, weight, targets, bias, ignore_index, label_smoothi
     # Logits in the input dtype, rows padded to 16 bytes (aligned cuBLAS and vector loads);
     # the row kernel turns them into the gradient in place.
     buf = torch.empty((lay.chunk_rows, lay.row_stride), dtype=dtype, device=device)
+    if lay.row_stride > v:
+        # The padding is never written by the products; some CPU GEMMs read a strided row's
+        # padding (a NaN left there by an earlier tensor leaked into dH here), so clear it.
+        buf[:, v:].zero_()
     for start in range(0, n, lay.chunk_rows):
         stop = min(n, start + lay.chunk_rows)
         h_c, x = hidden[start:stop], buf[:stop - start, :v]

@@ -25,10 +25,10 @@ budgeted (memory_budget > LEAN_MAX_BUDGET, reduction mean/sum): everything in th
               else dW accumulates in its 16-bit gradient (one rounding per chunk); with a bias,
               its fp32 gradient and one fp32 column sum per chunk (8·V).
     chunk     C rows of logits in the input dtype, rows padded to 16 bytes (V8 = V rounded up
-              to 8 entries): C = (budget - accumulators) // (V8·b), at least one row; the
-              gradient is written over the logits in place.
+              to 8 entries): C = (budget - accumulators - per-row vectors) // (V8·b), at least
+              one row; the gradient is written over the logits in place.
     peak      gradients + accumulators + C·V8·b + per-row vectors <= gradients + budget
-              (+ ROW_BYTES·N; a budget under one row of logits is rounded up to one row).
+              (a budget under one row of logits is rounded up to one row).
 The backward of the budgeted schedule scales the saved gradients in place (no allocation).
 Not counted: cuBLAS's and cub's workspaces (allocated once per process by PyTorch's caching
 allocator), autograd's own bookkeeping, and an lse gradient under the budgeted schedule (that
@@ -132,7 +132,8 @@ def budgeted_layout(n: int, d: int, v: int, dtype: torch.dtype, budget: int,
     dw_fp32 = fp32_dw and dw32 > 0 and acc + dw32 <= budget // FP32_DW_SHARE
     if dw_fp32:
         acc += dw32
-    rows = max(1, min(n, (budget - acc) // (row_stride * b)))
+    # The per-row vectors (loss, lse, ...) come out of the budget too: peak <= grads + budget.
+    rows = max(1, min(n, (budget - acc - ROW_BYTES * n) // (row_stride * b)))
     return BudgetedLayout(rows, row_stride, dw_fp32, acc)
 
 
@@ -200,15 +201,19 @@ def lean_configs(target: Optional[configs.Target], dtype: torch.dtype, n: int, *
 
 
 def plan(n: int, d: int, v: int, dtype: torch.dtype, memory_budget: Optional[int] = None, *,
-         bias: bool = False, target: Optional[configs.Target] = None) -> Plan:
+         bias: bool = False, target: Optional[configs.Target] = None,
+         fp32_dw: Optional[bool] = None) -> Plan:
     """The memory plan of one training step (see the module docstring for what is counted).
-    target: the GPU whose configurations the launches use (default: `default_target()`)."""
+    target: the GPU whose configurations the launches use (default: `default_target()`);
+    fp32_dw: whether the budgeted schedule may use an fp32 dW accumulator (None: yes, as on a
+    GPU with a recent PyTorch; `fp32_dw_supported` tells for a device)."""
     b = _itemsize(dtype)
     target = target if target is not None else default_target()
     grads = (n * d + v * d) * b + (v * b if bias else 0)
     rows = ROW_BYTES * n
     if memory_budget is not None and memory_budget > LEAN_MAX_BUDGET and n > 0:
-        lay = budgeted_layout(n, d, v, dtype, int(memory_budget), bias)
+        lay = budgeted_layout(n, d, v, dtype, int(memory_budget), bias,
+                              True if fp32_dw is None else fp32_dw)
         peak = rows + grads + lay.accumulators + lay.chunk_rows * lay.row_stride * b
         return Plan("budgeted", grads, peak, peak, peak, lay.chunk_rows, 1,
                     "fp32" if lay.dw_fp32 else "gradient")

@@ -376,7 +376,7 @@ def _budget_for(monkeypatch, N, V, D, dtype, bias, chunks, dw):
     b = torch.empty((), dtype=dtype).element_size()
     stride = -(-V // plan.LOGIT_ROW_ALIGN) * plan.LOGIT_ROW_ALIGN
     acc = (8 * V if bias else 0) + (4 * V * D if dw == "fp32" and b < 4 else 0)
-    budget = acc + stride * b * math.ceil(N / chunks)
+    budget = acc + plan.ROW_BYTES * N + stride * b * math.ceil(N / chunks)
     lay = plan.budgeted_layout(N, D, V, dtype, budget, bias)
     assert math.ceil(N / lay.chunk_rows) == chunks and lay.dw_fp32 == (dw == "fp32"), lay
     return budget
