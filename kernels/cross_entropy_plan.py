@@ -26,9 +26,11 @@ budgeted (memory_budget > LEAN_MAX_BUDGET, reduction mean/sum): everything in th
               its fp32 gradient and one fp32 column sum per chunk (8·V).
     chunk     C rows of logits in the input dtype, rows padded to 16 bytes (V8 = V rounded up
               to 8 entries): C = (budget - accumulators - per-row vectors) // (V8·b), at least
-              one row; the gradient is written over the logits in place.
-    peak      gradients + accumulators + C·V8·b + per-row vectors <= gradients + budget
-              (a budget under one row of logits is rounded up to one row).
+              one row; the gradient is written over the logits in place. With the fp32 dW
+              accumulator, the 16-bit dW (V·D·b) is allocated only after the last chunk is
+              freed, so the chunk also gets those bytes.
+    peak      <= gradients + budget (a budget under one row of logits is rounded up to one
+              row), the per-row vectors included.
 The backward of the budgeted schedule scales the saved gradients in place (no allocation).
 Not counted: cuBLAS's and cub's workspaces (allocated once per process by PyTorch's caching
 allocator), autograd's own bookkeeping, and an lse gradient under the budgeted schedule (that
@@ -51,7 +53,7 @@ ROW_ALIGN = 256                 # lean backward chunks start at multiples of thi
 FWD_PARTIAL_BYTES = 8 * MiB     # lean forward: cap on the vocabulary splits' partials
 ROW_BYTES = 64                  # per-row vectors: loss, lse, order, argsort's output, ...
 LOGIT_ROW_ALIGN = 8             # budgeted: logits rows padded to 8 entries (16 bytes at b=2)
-FP32_DW_SHARE = 2               # budgeted: an fp32 dW accumulator may take 1/2 of the budget
+FP32_DW_FRACTION = 0.5          # budgeted: an fp32 dW accumulator may take half the budget
 SPLIT_OVERHEAD_TILES = 1        # lean forward: a program's fixed cost, in logit tiles
 
 # dW accumulation of the lean backward for 16-bit inputs (the `DW_ACCUM` config parameter):
@@ -129,11 +131,14 @@ def budgeted_layout(n: int, d: int, v: int, dtype: torch.dtype, budget: int,
     row_stride = _cdiv(v, LOGIT_ROW_ALIGN) * LOGIT_ROW_ALIGN
     acc = 8 * v if bias else 0          # fp32 bias gradient + one fp32 column sum per chunk
     dw32 = 4 * v * d if b < 4 else 0    # fp32 inputs accumulate in the fp32 gradient itself
-    dw_fp32 = fp32_dw and dw32 > 0 and acc + dw32 <= budget // FP32_DW_SHARE
+    dw_fp32 = fp32_dw and dw32 > 0 and acc + dw32 <= budget * FP32_DW_FRACTION
+    room = budget - acc - ROW_BYTES * n  # the per-row vectors come out of the budget too
     if dw_fp32:
+        # The 16-bit dW gradient is allocated only after the last chunk is freed (it is the
+        # fp32 accumulator's rounding): until then its bytes are the chunk's.
         acc += dw32
-    # The per-row vectors (loss, lse, ...) come out of the budget too: peak <= grads + budget.
-    rows = max(1, min(n, (budget - acc - ROW_BYTES * n) // (row_stride * b)))
+        room += v * d * b - dw32
+    rows = max(1, min(n, room // (row_stride * b)))
     return BudgetedLayout(rows, row_stride, dw_fp32, acc)
 
 
@@ -214,7 +219,11 @@ def plan(n: int, d: int, v: int, dtype: torch.dtype, memory_budget: Optional[int
     if memory_budget is not None and memory_budget > LEAN_MAX_BUDGET and n > 0:
         lay = budgeted_layout(n, d, v, dtype, int(memory_budget), bias,
                               True if fp32_dw is None else fp32_dw)
-        peak = rows + grads + lay.accumulators + lay.chunk_rows * lay.row_stride * b
+        chunk = lay.chunk_rows * lay.row_stride * b
+        if lay.dw_fp32:  # the chunks with dH and the fp32 dW, then dW's rounding (chunk freed)
+            peak = rows + max(grads - v * d * b + chunk, grads) + lay.accumulators
+        else:
+            peak = rows + grads + lay.accumulators + chunk
         return Plan("budgeted", grads, peak, peak, peak, lay.chunk_rows, 1,
                     "fp32" if lay.dw_fp32 else "gradient")
     fwd_cfg, bwd_cfg = lean_configs(target, dtype, n, bias=bias)

@@ -371,12 +371,13 @@ def _budget_for(monkeypatch, N, V, D, dtype, bias, chunks, dw):
     buffer ("fp32") or in the gradient itself ("gradient"), through the schedule's own layout
     rule (the lean limit is lowered so that small budgets select the budgeted schedule)."""
     monkeypatch.setattr(plan, "LEAN_MAX_BUDGET", 0)
-    # The fp32 accumulator may take the whole budget ("fp32"), or never fits ("gradient").
-    monkeypatch.setattr(plan, "FP32_DW_SHARE", 1 if dw == "fp32" else 1 << 40)
+    # The fp32 accumulator always fits ("fp32"), or never ("gradient").
+    monkeypatch.setattr(plan, "FP32_DW_FRACTION", 1e9 if dw == "fp32" else 0.0)
     b = torch.empty((), dtype=dtype).element_size()
     stride = -(-V // plan.LOGIT_ROW_ALIGN) * plan.LOGIT_ROW_ALIGN
     acc = (8 * V if bias else 0) + (4 * V * D if dw == "fp32" and b < 4 else 0)
-    budget = acc + plan.ROW_BYTES * N + stride * b * math.ceil(N / chunks)
+    deferred = V * D * b if dw == "fp32" and b < 4 else 0  # dW's 16-bit copy comes at the end
+    budget = acc + plan.ROW_BYTES * N + stride * b * math.ceil(N / chunks) - deferred
     lay = plan.budgeted_layout(N, D, V, dtype, budget, bias)
     assert math.ceil(N / lay.chunk_rows) == chunks and lay.dw_fp32 == (dw == "fp32"), lay
     return budget
