@@ -24,6 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import gptfast.kernels.cross_entropy as ce  # noqa: E402
 import gptfast.kernels.cross_entropy_plan as plan  # noqa: E402
+from gptfast.kernels import configs  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _ce_ref import ce_reference, ce_rows_reference, linear_ce_reference  # noqa: E402
@@ -350,6 +351,155 @@ def test_linear_ce_out_of_range_target_gives_nan_row():
     dh, _, _ = ce.linear_cross_entropy_backward(torch.ones(N, device=DEVICE), None, h, w, t,
                                                 None, lse, **opts)
     assert dh.cpu()[bad].isnan().all()
+
+
+LEAN_MODE_CASES = [
+    # dtype, dW accumulation (None: the configuration's), bias, options, lse gradient
+    (FP32, None, True, "everything", True),
+    (FP16, "atomic", True, "zloss_softcap", False),
+    (FP16, "lock", False, "ignore_smooth", True),
+    (BF16, "atomic", True, "everything", True),
+    (BF16, "lock", True, "plain", False),
+    (BF16, "fp32", False, "ignore_smooth", True),
+]
+
+
+@pytest.mark.parametrize("dtype,mode,with_bias,name,with_glse", LEAN_MODE_CASES)
+def test_lean_backward_dh_chunks_and_dw_modes(monkeypatch, dtype, mode, with_bias, name,
+                                              with_glse):
+    """The lean backward over several fp32 dH chunks (the chunk limit lowered to 32 rows), the
+    last one ragged, D not a multiple of the back-products' step; dW by 16-bit atomics, by
+    lock + read-modify-write, or in an fp32 buffer. The launch count proves the chunking."""
+    monkeypatch.setattr(plan, "ROW_ALIGN", 32)
+    gen = torch.Generator().manual_seed(21)
+    N, V, D = 90, 200, 40
+    monkeypatch.setattr(plan, "DH_CHUNK_BYTES", 32 * D * 4)
+    opts = OPTION_SETS[name]
+    h = _randn((N, D), gen, dtype)
+    w = _randn((V, D), gen, dtype, scale=2.0 / math.sqrt(D))
+    b = _randn((V,), gen, dtype, scale=0.5) if with_bias else None
+    t = _targets(N, V, gen, 0.2)
+    g = torch.rand(N, generator=gen).to(DEVICE) + 0.5
+    g_lse = (torch.rand(N, generator=gen).to(DEVICE) - 0.5) if with_glse else None
+    loss, lse, _ = ce.linear_cross_entropy_forward(h, w, t, b, reduction="none", **opts)
+    launches = []
+    real = ce._lce_bwd_kernel
+    monkeypatch.setattr(ce, "_lce_bwd_kernel", _Spy(real, launches))
+    dh, dw, db = ce.linear_cross_entropy_backward(g, g_lse, h, w, t, b, lse,
+                                                  dw_accumulation=mode, **opts)
+    chunks = 1 if dtype == FP32 else math.ceil(N / 32)
+    assert len(launches) == chunks
+    assert dh.dtype == dw.dtype == dtype
+    _check_linear((loss, lse, dh, dw, db), h, w, t, b, g, g_lse, dtype, opts)
+    assert (dh.cpu()[(t == IGNORE).cpu()] == 0).all()
+
+
+class _Spy:
+    """Wraps a @triton.jit kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid)
+        return self.kernel[grid]
+
+
+def _gpu_blocks(monkeypatch, **blocks):
+    """Give the interpreter the lean backward's GPU block sizes (H100 entry) where a test
+    needs the GPU's accumulation depth."""
+    table = configs.load("cross_entropy")
+    cfg = table.interpreter["lce_bwd"].kwargs()
+    cfg.update(blocks)
+    monkeypatch.setitem(table.interpreter, "lce_bwd", configs.KernelConfig(cfg))
+
+
+def test_lean_dw_accumulation_depth(monkeypatch):
+    """dW accumulated in bf16 at the GPU's depth: N = 8192 rows in 128-row tiles, so 64 bf16
+    atomic adds per dW element (each rounds the running sum once). Against float64:
+      - fp32 accumulation (DW_ACCUM fp32) meets FlashAttention's rule (<= 3x PyTorch's bf16);
+      - bf16 accumulation stays under the rigorous bound of a 64-deep bf16 sum,
+        u * (K * A + 2 A') with u = 2**-8, K = 64 tile contributions, A = sum_k |c_k| the
+        magnitudes of the tiles' float64 contributions and A' = sum_n |G_n| |h_n| (the
+        gradient's own rounding), elementwise;
+      - and within 8x PyTorch's own bf16 error: measured 5x (README: the lean schedule's
+        precision), the cost of lean memory."""
+    _gpu_blocks(monkeypatch, BLOCK_N=128, BLOCK_V=64)
+    gen = torch.Generator().manual_seed(0)
+    N, D, V = 8192, 32, 64
+    opts = _opts()
+    h = _randn((N, D), gen, BF16)
+    w = _randn((V, D), gen, BF16, scale=0.5)
+    t = _targets(N, V, gen)
+    g = torch.full((N,), 1.0 / N, device=DEVICE)
+    _, lse, _ = ce.linear_cross_entropy_forward(h, w, t, None, reduction="none", **opts)
+    want = linear_ce_reference(h, w, t, None, grad_rows=g, **opts)[3].cpu()
+    eager = linear_ce_reference(h, w, t, None, grad_rows=g, dtype=BF16, **opts)[3].cpu()
+    eager_err = (eager.double() - want).abs().max().item()
+    errs = {}
+    for mode in ("atomic", "fp32"):
+        dw = ce.linear_cross_entropy_backward(g, None, h, w, t, None, lse,
+                                              dw_accumulation=mode, **opts)[1]
+        errs[mode] = (dw.double().cpu() - want).abs()
+    assert errs["fp32"].max() <= 3 * eager_err
+    # The float64 per-tile contributions c_k = G_k^T H_k and their magnitudes.
+    x = h.double().cpu() @ w.double().cpu().T
+    G = (torch.softmax(x, -1) - F.one_hot(t.cpu(), V).double()) / N
+    hk = h.double().cpu().view(N // 128, 128, D)
+    contrib = torch.einsum("knv,knd->kvd", G.view(N // 128, 128, V), hk)   # (K, V, D)
+    A = contrib.abs().sum(0)
+    A2 = G.abs().T @ h.double().cpu().abs()
+    u = 2.0 ** -8
+    bound = u * (N // 128 * A + 2 * A2) + FLOOR
+    assert (errs["atomic"] <= bound).all(), (errs["atomic"] / bound).max()
+    assert errs["atomic"].max() <= 8 * eager_err, errs["atomic"].max() / eager_err
+
+
+def test_lean_gradient_filtering(monkeypatch):
+    """filter_eps = 2**-12 on a vocabulary whose tail has the low logits of a trained model's
+    rare tokens (bias -3 log(1 + v), and a dead block at -40): most tiles are skipped, the
+    skipped ones are exactly those whose every |gradient| is under eps x the row's upstream
+    gradient, and dhidden / dweight keep FlashAttention's rule against float64 (README: the
+    measured effect). The loss, lse and bias gradient do not change."""
+    gen = torch.Generator().manual_seed(1)
+    N, D, V = 256, 64, 1024
+    opts = _opts()
+    eps = 2.0 ** -12
+    h = _randn((N, D), gen, BF16)
+    w = _randn((V, D), gen, BF16, scale=2.0 / math.sqrt(D))
+    bias = -3.0 * torch.log1p(torch.arange(V, dtype=torch.float32))
+    bias[-64:] = -40.0
+    b = bias.to(DEVICE, BF16)
+    t = torch.multinomial(torch.softmax(bias[:-64], 0), N, replacement=True,
+                          generator=gen).to(DEVICE)
+    g = torch.full((N,), 1.0 / N, device=DEVICE)
+    _, lse, _ = ce.linear_cross_entropy_forward(h, w, t, b, reduction="none", **opts)
+    full = ce.linear_cross_entropy_backward(g, None, h, w, t, b, lse, **opts)
+    filt = ce.linear_cross_entropy_backward(g, None, h, w, t, b, lse, filter_eps=eps, **opts)
+    _check_linear((None, None) + filt, h, w, t, b, g, None, BF16, opts)
+    assert torch.equal(filt[2], full[2])          # the bias gradient is never filtered
+    # Which tiles the rule skips (interpreter blocks), from the float64 gradient.
+    cfg = configs.load("cross_entropy").interpreter["lce_bwd"]
+    x = h.double().cpu() @ w.double().cpu().T + b.double().cpu()
+    G = (torch.softmax(x, -1) - F.one_hot(t.cpu(), V).double()) / N
+    tile_max = G.abs().view(N // cfg.BLOCK_N, cfg.BLOCK_N, V // cfg.BLOCK_V, cfg.BLOCK_V)
+    skip = tile_max.amax(dim=(1, 3)) < eps / N                      # (row tiles, vocab tiles)
+    assert skip.float().mean() > 0.5 and not skip.all()
+    # A vocabulary tile skipped by every row tile gets no dW at all; unfiltered, it does.
+    dead = skip.all(dim=0).repeat_interleave(cfg.BLOCK_V)
+    assert dead[-64:].all()
+    assert (filt[1].cpu()[dead] == 0).all() and (full[1].cpu()[dead] != 0).any()
+    # The change is the skipped tiles' float64 contribution, up to the results' bf16
+    # rounding (measured here: 0.016% of max|dhidden|, 0.0014% of max|dweight|, 82% of the
+    # tiles skipped; the errors against float64 did not change).
+    mask = skip.repeat_interleave(cfg.BLOCK_N, 0).repeat_interleave(cfg.BLOCK_V, 1)
+    dropped_dh = (G * mask) @ w.double().cpu()
+    dropped_dw = (G * mask).T @ h.double().cpu()
+    f0, n0 = filt[0].double().cpu(), full[0].double().cpu()
+    assert ((f0 - n0).abs() <= dropped_dh.abs() + 2.0 ** -8 * (f0.abs() + n0.abs())
+            + 1e-12).all()
+    f1, n1 = filt[1].double().cpu(), full[1].double().cpu()
+    assert (f1 - n1).abs().max() <= 2 * dropped_dw.abs().max() + 2.0 ** -8 * n1.abs().max()
 
 
 # --------------------------------------------------- linear cross-entropy, budgeted schedule
