@@ -1,10 +1,12 @@
 """Linear cross-entropy (projection onto the vocabulary + softmax CE), forward + backward.
 
-gptfast (lean schedule, and budgeted with memory_budget = 1 GiB; "auto" backend, plus the CUDA C++
-kernels by name) against eager with fp32 logits (`F.cross_entropy((h @ w.T).float(), t)`),
-torch.compile of that, Liger's fused linear cross-entropy (liger-kernel 0.8.5) and Apple's Cut
-Cross-Entropy (25.1.1, gradient filtering off) when importable. bf16 on a GPU; gradients for
-hidden and weight.
+gptfast (lean schedule, and budgeted with memory_budget = gptfast.LINEAR_CE_BUDGET, 384 MiB;
+"auto" backend, plus the CUDA C++ kernels by name) against eager with fp32 logits
+(`F.cross_entropy((h @ w.T).float(), t)`), torch.compile of that, Liger's fused linear
+cross-entropy (liger-kernel 0.8.5) and Apple's Cut Cross-Entropy (25.1.1, gradient filtering off)
+when importable. bf16 on a GPU; gradients for hidden and weight. The budgeted goal is judged at
+384 MiB, not 1 GiB: with 1 GiB the Llama-3 shape's gradients (1066 MiB) plus the budget pass half
+of torch.compile's 3070 MiB by arithmetic.
 
 On a GPU also cross-entropy over given logits (N x V, bf16; forward + in-place backward), whose
 goal is bandwidth: it reads the logits twice and writes the gradient once, and its
@@ -13,6 +15,13 @@ goal is bandwidth: it reads the logits twice and writes the gradient once, and i
 Reported per shape (N, D, V): time of one step, TFLOP/s (6·N·D·V per step), the fraction of the
 roofline 6·N·D·V / (bf16 matmul rate measured in this run), and peak memory above the inputs
 (the gradients included: (N·D + V·D) · 2 bytes of them are unavoidable).
+
+On a GPU, also (quick mode included) the dW-accumulation microbenchmark at the three shapes:
+the lean backward alone with dW accumulated by fp32 4-wide atomics into an fp32 buffer, by
+16-bit 8-wide atomics into the gradient, and by a lock + read-modify-write into the gradient
+(`dw_accumulation=` of the launcher): its time, memory, and dW's largest difference from the
+fp32 accumulation, so that the lean design's default is chosen by numbers
+(kernels/cross_entropy_configs.json, DW_ACCUM).
 
     python benchmarks/bench_cross_entropy.py [--quick] [--tiny] [--out DIR]
 
@@ -32,7 +41,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-LEAN, BUDGETED = "gptfast-lean", "gptfast-budget-1GiB"
+LEAN, BUDGETED = "gptfast-lean", "gptfast-budget-384MiB"
 CUDA_LEAN = "gptfast-cuda-lean"                 # the CUDA C++ kernels by name (csrc/)
 LOGITS = {"gptfast-cuda-logits": "cuda", "gptfast-triton-logits": "triton"}  # over given logits
 TORCH_LOGITS = "torch-logits"
@@ -86,7 +95,9 @@ def cce_loss() -> Callable:
 
 
 def peers(run: harness.Run) -> Dict[str, Callable]:
-    out: Dict[str, Callable] = {LEAN: gptfast_loss(None), BUDGETED: gptfast_loss(harness.GiB),
+    import gptfast
+    out: Dict[str, Callable] = {LEAN: gptfast_loss(None),
+                                BUDGETED: gptfast_loss(gptfast.LINEAR_CE_BUDGET),
                                 EAGER: eager_loss}
     if run.is_cuda:
         out[CUDA_LEAN] = gptfast_loss(None, backend="cuda")
@@ -187,6 +198,58 @@ def measure_logits(run: harness.Run, label: str, name: str, N: int, V: int, dtyp
     return row
 
 
+# ---- the dW-accumulation microbenchmark (GPU only) ------------------------------------------------
+
+DW_MODES = {"fp32": "fp32 4-wide atomics, fp32 buffer", "atomic": "16-bit 8-wide atomics",
+            "lock": "lock + read-modify-write"}
+
+
+def dw_accumulation_rows(run: harness.Run, dtype, shapes=GPU_SHAPES) -> List[dict]:
+    """The lean backward alone, per way of accumulating dW, at the three shapes (rows with
+    kind "dw_accumulation"; FLOPs 6·N·D·V for the backward)."""
+    from gptfast.kernels import cross_entropy as ce
+    opts = dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None)
+    rows = []
+    for label, N, D, V in shapes:
+        gen = torch.Generator(device=run.device).manual_seed(N + D + V)
+        h = (torch.randn(N, D, device=run.device, generator=gen)).to(dtype)
+        w = (torch.randn(V, D, device=run.device, generator=gen) * 0.05).to(dtype)
+        t = torch.randint(0, V, (N,), device=run.device, generator=gen)
+        g = torch.full((N,), 1.0 / N, device=run.device)
+        _, lse, _ = ce.linear_cross_entropy_forward(h, w, t, None, reduction="none", **opts)
+        ref = None
+        for mode, what in DW_MODES.items():
+            row = dict(kind="dw_accumulation", peer=f"lean backward: {what}", shape=label, N=N,
+                       D=D, V=V, ms=None, tflops=None, roofline_fraction=None,
+                       peak_mem_bytes=None, grad_bytes=(N * D + V * D) * h.element_size(),
+                       dw_max_diff_vs_fp32=None, error=None)
+
+            def bwd(mode=mode):
+                return ce.linear_cross_entropy_backward(g, None, h, w, t, None, lse,
+                                                        dw_accumulation=mode, **opts)
+            try:
+                dw = bwd()[1]
+                if mode == "fp32":
+                    ref = dw.float()
+                elif ref is not None:  # relative to the largest |dW|
+                    row["dw_max_diff_vs_fp32"] = float((dw.float() - ref).abs().max()
+                                                       / ref.abs().max())
+                del dw
+                row["ms"] = run.time_ms(bwd)
+                row["tflops"] = 6.0 * N * D * V / (row["ms"] * 1e-3) / 1e12
+                row["roofline_fraction"] = row["tflops"] / run.ceilings["matmul_tflops"]
+                row["peak_mem_bytes"] = run.peak_bytes(bwd)
+            except Exception as e:  # noqa: BLE001 - a failing mode is a row with its error
+                row["error"] = "out of memory" if harness.is_oom(e) else harness.error_text(e)
+            rows.append(run.add_row(**row))
+            print(f"  {label:10s} dW {mode:6s} " + ("–" if row["ms"] is None
+                                                     else f"{row['ms']:.3g} ms") + " "
+                  + (row["error"] or ""), flush=True)
+        del h, w, t, g, lse, ref
+        run.empty_cache()
+    return rows
+
+
 # ---- goals (pure: unit-tested on synthetic rows) --------------------------------------------------
 
 def _get(rows, peer, shape, key):
@@ -222,10 +285,10 @@ def cross_entropy_goals(rows: List[dict], judged: bool = True) -> List[dict]:
          lambda s: harness.ratio(_get(rows, CCE, s, "ms"), _get(rows, CUDA_LEAN, s, "ms")), 1.0, ">="),
         ("lce lean speed vs Cut CE (time ratio)",
          lambda s: harness.ratio(_get(rows, CCE, s, "ms"), _get(rows, LEAN, s, "ms")), 1.0, ">="),
-        ("lce budget(1 GiB) speed vs torch.compile",
+        ("lce budget(384 MiB) speed vs torch.compile",
          lambda s: harness.ratio(_get(rows, COMPILED, s, "ms"), _get(rows, BUDGETED, s, "ms")),
          1.0, ">="),
-        ("lce budget(1 GiB) memory / torch.compile memory",
+        ("lce budget(384 MiB) memory / torch.compile memory",
          lambda s: harness.ratio(_get(rows, BUDGETED, s, "peak_mem_bytes"),
                                  _get(rows, COMPILED, s, "peak_mem_bytes")), 0.5, "<"),
     ]
@@ -245,15 +308,32 @@ def cross_entropy_goals(rows: List[dict], judged: bool = True) -> List[dict]:
 
 # ---- output -------------------------------------------------------------------------------------
 
+def _main_rows(rows: List[dict]) -> List[dict]:
+    return [r for r in rows if r.get("kind") != "dw_accumulation"]
+
+
 def table(rows: List[dict]) -> str:
+    def mib(x):
+        return None if x is None else x / harness.MiB
     body = [[r["shape"], r["peer"], r["ms"], r["tflops"], r["roofline_fraction"],
-             None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / harness.MiB,
-             r["grad_bytes"] / harness.MiB, r["loss"], r["error"] or ""] for r in rows]
-    return harness.md_table(["shape", "peer", "ms", "TFLOP/s", "of roofline", "peak MiB",
+             mib(r["peak_mem_bytes"]), mib(r["grad_bytes"]), r["loss"], r["error"] or ""]
+            for r in _main_rows(rows)]
+    text = harness.md_table(["shape", "peer", "ms", "TFLOP/s", "of roofline", "peak MiB",
                              "grads MiB", "loss", "error"], body)
+    dw = [[r["shape"], r["peer"], r["ms"], r["tflops"], r["roofline_fraction"],
+           mib(r["peak_mem_bytes"]), r["dw_max_diff_vs_fp32"], r["error"] or ""]
+          for r in rows if r.get("kind") == "dw_accumulation"]
+    if dw:
+        text += ("\n\ndW accumulation of the lean backward (backward alone, 6·N·D·V FLOPs; "
+                 "dW difference relative to max |dW| of the fp32 accumulation):\n\n"
+                 + harness.md_table(["shape", "dW accumulation", "ms", "TFLOP/s",
+                                     "of roofline", "peak MiB", "dW diff vs fp32", "error"], dw))
+    return text
 
 
 def plot(rows: List[dict], title: str):
+    rows = _main_rows(rows)
+
     def make(out_dir: Path) -> List[Path]:
         import matplotlib.pyplot as plt
         labels = list(dict.fromkeys(r["shape"] for r in rows))
@@ -300,11 +380,14 @@ def main(argv=None) -> int:
                       + ("–" if row["ms"] is None else f"{row['ms']:.3g} ms, "
                          f"{row['roofline_fraction']:.2f} of copy bandwidth ")
                       + (row["error"] or ""), flush=True)
+        dw_accumulation_rows(run, dtype)
     else:
         for name in (*LOGITS, TORCH_LOGITS):
             run.skip(name, "logits", "cross-entropy over logits is measured on a GPU only")
+        run.skip("dW accumulation microbenchmark", "all shapes",
+                 "16-bit atomics at the GPU shapes need a GPU")
     run.mark_failed_peers_missing()
-    run.goals = cross_entropy_goals(run.rows, judged=run.is_cuda)
+    run.goals = cross_entropy_goals(_main_rows(run.rows), judged=run.is_cuda)
     run.finish(table(run.rows), plot(run.rows, f"linear cross-entropy, {run.slug}"))
     return 0
 

@@ -510,7 +510,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
     const std::optional<Tensor>& grad_rows, const std::optional<Tensor>& grad_lse,
     const Tensor& hidden, const Tensor& weight, const Tensor& targets,
     const std::optional<Tensor>& bias, const Tensor& lse, int64_t ignore_index,
-    double label_smoothing, double z_loss, std::optional<double> softcap) {
+    double label_smoothing, double z_loss, std::optional<double> softcap,
+    std::optional<double> filter_eps) {
+  // filter_eps permits skipping negligible tiles; these kernels compute every tile (exact).
+  (void)filter_eps;
   const char* op = "cuda_linear_cross_entropy_bwd";
   count_call(op);
   check_options(op, label_smoothing, z_loss, softcap);
@@ -572,7 +575,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_grad
   Tensor unit = mean ? valid.clamp_min(1.0).reciprocal() : at::ones({}, loss.options());
   auto [dh, dw, db] = linear_cross_entropy_bwd(unit.expand({n}), std::nullopt, hidden, weight,
                                                targets, bias, lse, ignore_index, label_smoothing,
-                                               z_loss, softcap);
+                                               z_loss, softcap, std::nullopt);
   return {loss, lse, dh, dw, db};
 }
 

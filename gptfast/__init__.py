@@ -3,13 +3,15 @@
     import gptfast
     out = gptfast.attention(q, k, v, causal=True)              # (B, H, S, d)
     loss = gptfast.linear_cross_entropy(hidden, wte.weight, targets)
+    gptfast.linear_cross_entropy_memory(N, D, V, dtype=torch.bfloat16)  # its peak, planned
 
 `gptfast.explain(gptfast.attention, q, k, v)` says which backend runs and why.
 `gptfast.use_for_sdpa()` makes F.scaled_dot_product_attention's flash path run gptfast's kernels.
 `gptfast.hf.patch(model)` runs a transformers model's attention and loss on them (gptfast.hf).
 """
 from . import nn, sdpa
-from .ops import BackendError, attention, cross_entropy, linear_cross_entropy, report
+from .ops import (LINEAR_CE_BUDGET, BackendError, attention, cross_entropy, linear_cross_entropy,
+                  linear_cross_entropy_memory, report)
 from .ops import explain as _explain_op
 from .sdpa import use_for_sdpa
 
@@ -62,5 +64,6 @@ def count_params(name_or_config) -> int:
     return _count(name_or_config)
 
 
-__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "explain", "report",
+__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_memory",
+           "LINEAR_CE_BUDGET", "explain", "report",
            "BackendError", "count_params", "load", "nn", "sdpa", "use_for_sdpa", "__version__"]

@@ -37,9 +37,11 @@ class LinearCrossEntropyLoss(_LossOptions):
     targets (...), bias=None). The weight is an argument, not a parameter of this module, so a
     tied embedding stays owned by the model."""
 
-    def __init__(self, *, memory_budget: Optional[int] = None, **options):
+    def __init__(self, *, memory_budget: Optional[int] = None,
+                 filter_eps: Optional[float] = None, **options):
         super().__init__(**options)
         self.options["memory_budget"] = memory_budget
+        self.options["filter_eps"] = filter_eps
 
     def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor,
                 bias: Optional[Tensor] = None) -> Tensor:

@@ -10,7 +10,7 @@ instructions (HGMMA = wgmma, HMMA = mma.sync), the load path (LDGSTS = cp.async,
 LDG), memory barriers (MEMBAR, FENCE, CCTL), and the SASS instructions of one iteration of the
 main loop, also per element of the tile that iteration computes:
     per_element = main-loop SASS instructions * threads / (product of the tile's BLOCK_* sizes,
-                  BLOCK_D / BLOCK_K, the reduction blocks, left out)
+                  BLOCK_D / BLOCK_DB / BLOCK_K, the reduction blocks, left out)
 (attention: BLOCK_M * BLOCK_N score elements). How the main loop is found: scripts/sass_analysis.py.
 
 Why it is the kernel that runs
@@ -245,7 +245,9 @@ def cross_entropy_scenario(dtype: str, model: str, N: int, features: Tuple[str, 
                            schedules=("lean", "logits", "budgeted")) -> Scenario:
     """The launchers as gptfast.linear_cross_entropy / cross_entropy call them in training:
     forward with reduction "none", backward with the upstream gradient of a mean (an expanded
-    scalar: stride 0); the budgeted schedule with a 1 GiB budget."""
+    scalar: stride 0); the budgeted schedule with its default budget. Features beyond the
+    configuration's: "filter" (gradient filtering on), "lock" (dW by lock + read-modify-write
+    instead of the configured accumulation)."""
     D, V = CE_SHAPES[model]
     f = set(features)
 
@@ -261,16 +263,21 @@ def cross_entropy_scenario(dtype: str, model: str, N: int, features: Tuple[str, 
         if "lean" in schedules:
             _, lse, _ = CE.linear_cross_entropy_forward(h, w, targets, bias, **opts,
                                                         reduction="none")
-            CE.linear_cross_entropy_backward(g, g_lse, h, w, targets, bias, lse, **opts)
+            CE.linear_cross_entropy_backward(
+                g, g_lse, h, w, targets, bias, lse, **opts,
+                filter_eps=2.0 ** -12 if "filter" in f else None,
+                dw_accumulation="lock" if "lock" in f else None)
         if "logits" in schedules:
             logits = _meta(N, V, dtype=dt)
             _, lse = CE.cross_entropy_forward(logits, targets, **opts)
             CE.cross_entropy_backward(g, g_lse, logits, targets, lse, **opts)
         if "budgeted" in schedules:
             CE.linear_cross_entropy_forward(h, w, targets, bias, **opts, reduction="mean",
-                                            memory_budget=1 << 30)
+                                            memory_budget=CE.plan.DEFAULT_BUDGET)
 
     gate = not f
+    if f & {"filter", "lock"}:
+        schedules = ("lean",)
     return Scenario("cross_entropy", dtype, f"{model} N={N} D={D} V={V}", tuple(sorted(f)),
                     gate, call)
 
@@ -278,7 +285,7 @@ def cross_entropy_scenario(dtype: str, model: str, N: int, features: Tuple[str, 
 ATTN_ALL = ("causal", "window", "alibi", "kpm", "dropout", "dlse")
 ATTN_ONE_EACH = [(), ("causal",), ("causal", "window"), ("causal", "alibi"), ("causal", "kpm"),
                  ("causal", "dropout"), ATTN_ALL]
-CE_ONE_EACH = [(), ("bias",), ("softcap",), ("smoothing", "glse"),
+CE_ONE_EACH = [(), ("bias",), ("softcap",), ("smoothing", "glse"), ("filter",), ("lock",),
                ("bias", "softcap", "smoothing", "glse")]
 
 
@@ -342,7 +349,8 @@ def _sass(cubin: bytes) -> str:
 def _tile(constexprs: Dict[str, object]) -> int:
     n = 1
     for k, v in constexprs.items():
-        if k.startswith("BLOCK") and k not in ("BLOCK_D", "BLOCK_K") and isinstance(v, int):
+        if (k.startswith("BLOCK") and k not in ("BLOCK_D", "BLOCK_DB", "BLOCK_K")
+                and isinstance(v, int)):
             n *= v
     return n
 
@@ -507,10 +515,14 @@ def _dim(r: dict) -> str:
 
 def _config_text(r: dict) -> str:
     c = r["constexprs"]
-    blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK") and k != "BLOCK_D"
-                      and isinstance(v, int))
+    blocks = "x".join(str(v) for k, v in c.items() if k.startswith("BLOCK")
+                      and k not in ("BLOCK_D", "BLOCK_DB") and isinstance(v, int))
     if "BLOCK_D" in c and r["module"] == "cross_entropy":
         blocks += f" D{c['BLOCK_D']}"
+    if "BLOCK_DB" in c:  # the lean backward's back-products step over D
+        blocks += f"/{c['BLOCK_DB']}"
+    if c.get("DW_LOCK"):
+        blocks += " lock"
     return f"{blocks} w{r['num_warps']} s{r['num_stages']}"
 
 
@@ -577,7 +589,8 @@ def render_md(meta: dict, rows: List[dict], problems: List[str]) -> str:
          "with the most tensor-core ops; of equal ones the leanest, i.e. attention's unmasked "
          "interior tiles); **SASS/elem** = loop SASS x threads / tile elements "
          "(attention: BLOCK_M x BLOCK_N scores; cross-entropy: BLOCK_N x BLOCK_V logits per "
-         "BLOCK_D step).",
+         "BLOCK_D step, or per BLOCK_DB step of the lean backward's back-products, written "
+         "`D<BLOCK_D>/<BLOCK_DB>`; `lock`: dW by lock + read-modify-write).",
          "- **loop source**: the kernel-level source line the loop was inlined from.",
          "- **features**: the configuration key's feature flags; `(entry: ...)` when a "
          "feature-specific table entry chose the config.",
@@ -642,6 +655,8 @@ def main(argv=None) -> int:
                     help=f"folder for triton-<version>.json/.md (default: {OUT_DIR.relative_to(REPO)}"
                          " for a full run)")
     ap.add_argument("--strict", action="store_true", help="also fail on spills with features on")
+    ap.add_argument("--only", nargs="+", choices=sorted(MODULES), default=None,
+                    help="compile only these modules' scenarios (no table is written)")
     ap.add_argument("--render", type=Path, default=None, metavar="JSON",
                     help="re-judge a written table and rewrite its .md (no compiling)")
     args = ap.parse_args(argv)
@@ -657,13 +672,14 @@ def main(argv=None) -> int:
         print("\n".join(f"FAIL {p}" for p in problems) or "no problems")
         return 1 if problems else 0
     archs = args.arch or (["sm_90a"] if args.quick else list(ARCHS))
-    out_dir = args.out or (None if args.quick else OUT_DIR)
+    out_dir = args.out or (None if args.quick or args.only else OUT_DIR)
 
     problems = [f"{t.name}: {p}" for t in (configs.load("attention"), configs.load("cross_entropy"))
                 for p in t.validate()]
     knobs.nvidia.dump_ptxas_log = True
     _install_recorders()
-    _SCENARIOS[:] = scenarios(args.quick)
+    _SCENARIOS[:] = [sc for sc in scenarios(args.quick)
+                     if args.only is None or sc.module in args.only]
     tasks = [(a, i) for a in archs for i, sc in enumerate(_SCENARIOS) if a in sc.archs]
     print(f"static_table: Triton {triton.__version__}, {len(tasks)} scenario compiles for "
           f"{', '.join(archs)}, {args.jobs} processes", flush=True)
@@ -679,7 +695,9 @@ def main(argv=None) -> int:
             results.append(res)
     seconds = time.time() - t0
     rows = merge(results)
-    problems += judge(rows, results, args.strict) + missing_kernels(rows, archs)
+    problems += judge(rows, results, args.strict)
+    if args.only is None:
+        problems += missing_kernels(rows, archs)
 
     info = git_info()
     meta = {"triton": triton.__version__, "torch": torch.__version__, "ptxas": _ptxas_version(),

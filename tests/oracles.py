@@ -44,7 +44,8 @@ def attention_oracle(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=N
 
 def cross_entropy_oracle(x, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None):
-    """Loss of float64 logits x (N, V) built from torch.log_softmax; differentiable."""
+    """Loss of float64 logits x (N, V) built from torch.log_softmax; differentiable. Rows whose
+    target is ignore_index: loss 0 and lse 0, no gradient (gptfast's contract)."""
     x = x.double()
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
@@ -57,6 +58,7 @@ def cross_entropy_oracle(x, targets, *, ignore_index=-100, reduction="mean", lab
     smooth = -logp.sum(-1) / V
     rows = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse ** 2
     rows = torch.where(valid, rows, torch.zeros_like(rows))
+    lse = torch.where(valid, lse, torch.zeros_like(lse))
     if reduction == "none":
         return rows, lse
     if reduction == "sum":

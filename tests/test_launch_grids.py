@@ -92,8 +92,8 @@ def test_attention_grids_fit_cuda_limits_at_b4096_h16(monkeypatch, cap, d, hkv):
         assert grid == (triton.cdiv(S, block) * heads,), (name, grid)
 
 
-CE_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_lce_fwd_kernel", "_lce_combine_kernel",
-              "_lce_bwd_kernel", "_matmul_kernel")
+CE_KERNELS = ("_ce_fwd_kernel", "_ce_bwd_kernel", "_ce_fused_kernel", "_lce_fwd_kernel",
+              "_lce_combine_kernel", "_lce_bwd_kernel", "_lce_dh_store_kernel")
 
 
 @pytest.mark.parametrize("cap", [None, (9, 0), (8, 0)], ids=["interpreter", "sm90", "sm80"])
@@ -111,6 +111,9 @@ def test_cross_entropy_grids_fit_cuda_limits(monkeypatch, cap):
     g = torch.empty(N, dtype=torch.float32, device=META)
     ce.linear_cross_entropy_backward(g, g, h, w, t, None, lse, **opts)
     ce.linear_cross_entropy_backward(None, g, h, w, t, None, lse, **opts)  # lse only
+    n_lean = sum(name == "_lce_bwd_kernel" for name, _, _ in log)
+    ce.linear_cross_entropy_backward(g, None, h, w, t, None, lse, dw_accumulation="lock",
+                                     filter_eps=2.0**-12, **opts)
     logits = torch.empty(N, 50304, dtype=torch.bfloat16, device=META)
     _, lse2 = ce.cross_entropy_forward(logits, t, **opts)
     ce.cross_entropy_backward(g, None, logits, t, lse2, **opts)
@@ -119,9 +122,15 @@ def test_cross_entropy_grids_fit_cuda_limits(monkeypatch, cap):
     ce.linear_cross_entropy_forward(h[:n2], w[:v2], t[:n2], None, reduction="mean",
                                     memory_budget=1 << 30, **opts)
     _assert_within_limits(log, CE_KERNELS)
-    bwd = [(grid, kw) for name, grid, kw in log if name == "_lce_bwd_kernel"]
-    grid, kw = bwd[0]
-    assert grid == (triton.cdiv(N, kw["BLOCK_N"]) * triton.cdiv(V, kw["BLOCK_V"]),)
+    # The lean backward runs one launch per chunk of fp32 dH rows; together they cover the
+    # N rows, each with every vocabulary tile.
+    bwd = [(grid, kw) for name, grid, kw in log if name == "_lce_bwd_kernel"][:n_lean // 2]
+    chunk = N if h.dtype == torch.float32 else ce.plan.dh_chunk_rows(N, D)
+    assert len(bwd) == triton.cdiv(N, chunk) > 1
+    for i, (grid, kw) in enumerate(bwd):
+        rows = min(chunk, N - i * chunk)
+        assert kw["GROUP_N"] >= 1 and chunk % kw["BLOCK_N"] == 0
+        assert grid == (triton.cdiv(rows, kw["BLOCK_N"]) * triton.cdiv(V, kw["BLOCK_V"]),)
 
 
 def test_grid_functions():
@@ -130,6 +139,10 @@ def test_grid_functions():
     (rows, splits), per_split = ce.lean_forward_grid(10, 50257, 32, 64, 132)
     assert rows == 1 and splits * per_split >= triton.cdiv(50257, 64) and splits <= 2 * 132
     assert ce.lean_backward_grid(100, 1000, 32, 64) == (4 * 16,)
+    # Whole waves: at N = 8192 with 128-row tiles the old rule's 5 splits made 2.42 waves of
+    # 132 programs; the plan fills one wave.
+    (rows, splits), _ = ce.lean_forward_grid(8192, 128256, 128, 128, 132)
+    assert rows * splits <= 132 and rows * splits > 0.9 * 132
     with pytest.raises(ValueError, match="axis 0 has 2147483648 programs"):
         A.tiles_x_heads_grid(2**31, 1, 1)
     with pytest.raises(ValueError, match="axis 1 has 65536 programs"):

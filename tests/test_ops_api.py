@@ -78,6 +78,9 @@ def test_cross_entropy_bad_targets(targets, words):
     (dict(softcap=0.0), "softcap"),
     (dict(memory_budget=-5), "memory_budget"),
     (dict(bias=torch.randn(8)), "bias: expected shape"),
+    (dict(filter_eps=0.0), "filter_eps: expected None or a number in"),
+    (dict(filter_eps=True), "filter_eps: expected None or a number in"),
+    (dict(filter_eps=2.0 ** -12, memory_budget=1 << 30), "filter_eps: gradient filtering is a"),
 ])
 def test_linear_cross_entropy_bad_options(kw, words):
     with pytest.raises((ValueError, TypeError), match=words):

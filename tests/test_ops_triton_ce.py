@@ -58,7 +58,7 @@ def test_cross_entropy_triton_matches_oracle():
                                       backend="triton")
     ref, ref_lse = cross_entropy_oracle(x.double(), t, label_smoothing=0.1)
     torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double()[t != -100], ref_lse[t != -100], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)  # ignored rows: 0
     gx, = torch.autograd.grad(loss, x)
     rx, = torch.autograd.grad(ref, x)
     torch.testing.assert_close(gx.double(), rx.double(), atol=1e-6, rtol=1e-4)
@@ -101,6 +101,8 @@ def test_opcheck_triton_cross_entropy_ops():
                           (g, torch.rand(20, device=DEVICE), h, w, t, b, lse, *opts))
     torch.library.opcheck(ops.triton_linear_cross_entropy_bwd,
                           (g.new_ones(()).expand(20), None, h, w, t, None, lse, *opts))
+    torch.library.opcheck(ops.triton_linear_cross_entropy_bwd,
+                          (g, None, h, w, t, b, lse, *opts, 2.0 ** -12))
     torch.library.opcheck(ops.triton_linear_cross_entropy_fwd_grad,
                           (h, w, t, b, *opts, 1, 1 << 30))
     x = torch.randn(9, 130, device=DEVICE)
@@ -162,12 +164,11 @@ def test_gpt_model_loss_dispatches_to_the_triton_kernel():
 def test_lse_gradient_triton_matches_float64(mode, op, budget):
     """return_lse=True with the lse in the loss: the Triton backend once crashed when only the
     lse had a gradient (both schedules), and the budgeted schedule whenever the lse was used.
-    Checked against float64 for each schedule; the lse of ignored rows is left out of the loss
-    (the backends define it differently)."""
+    Checked against float64 for each schedule, with an lse gradient on every row (ignored
+    rows: lse 0, no gradient, as in the oracle)."""
     h, w, b, t = _lce_inputs(bias=True)
     opts = dict(label_smoothing=0.1, z_loss=1e-3, reduction="sum")
-    valid = t != -100
-    g_lse = torch.where(valid, torch.rand(t.shape, device=DEVICE) + 0.5, 0.0)
+    g_lse = torch.rand(t.shape, device=DEVICE) + 0.5
     params = (h, w, b)
 
     def objective(loss, lse):
@@ -184,7 +185,7 @@ def test_lse_gradient_triton_matches_float64(mode, op, budget):
     p64 = [p.detach().double().requires_grad_() for p in params]
     ref_loss, ref_lse = cross_entropy_oracle(p64[0] @ p64[1].t() + p64[2], t, **opts)
     want = torch.autograd.grad(objective(ref_loss, ref_lse), p64)
-    torch.testing.assert_close(lse.double()[valid], ref_lse[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
     for name, a, e in zip(("dhidden", "dweight", "dbias"), got, want):
         torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -226,3 +227,24 @@ def test_cross_entropy_triton_bf16_through_the_public_api():
         results.append((ref, *torch.autograd.grad(ref, xs)))
     for name, g, r, e, mult in zip(("loss", "dlogits"), (loss, gx), *results, (2, 3)):
         assert_rule(name, g, r, e, mult, 1e-6)
+
+
+def test_gradient_filtering_through_the_public_api():
+    """filter_eps reaches the lean backward (a tile of a dead vocabulary block gets no dW),
+    and the gradients stay those of float64 within the kernel tests' tolerance."""
+    h, w, b, t = _lce_inputs(bias=True)
+    with torch.no_grad():
+        b[-65:] = -60.0                # the last vocabulary tiles: no row reaches them
+    t = torch.where(t >= w.shape[0] - 65, 0, t)
+    before = dict(ce_kernels.LAUNCHES)
+    loss = gptfast.linear_cross_entropy(h, w, t, bias=b, filter_eps=2.0 ** -12,
+                                        backend="triton")
+    dh, dw, db = torch.autograd.grad(loss, (h, w, b))
+    assert ce_kernels.LAUNCHES["lce_bwd"] == before.get("lce_bwd", 0) + 1
+    assert (dw[-65:] == 0).all()       # skipped
+    assert (db[-65:] != 0).all()       # the bias gradient is never filtered
+    p64 = [p.detach().double().requires_grad_() for p in (h, w, b)]
+    ref, _ = cross_entropy_oracle(p64[0] @ p64[1].t() + p64[2], t)
+    want = torch.autograd.grad(ref, p64)
+    for a, e in zip((dh, dw, db), want):
+        torch.testing.assert_close(a.double(), e, atol=1e-5, rtol=1e-4)

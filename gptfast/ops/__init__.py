@@ -2,7 +2,8 @@
 from . import _triton  # noqa: F401 - registers the Triton kernels under the gptfast::triton_* ops
 from .attention import attention
 from .backends import BackendError, explain, report
-from .cross_entropy import cross_entropy, linear_cross_entropy
+from .cross_entropy import (LINEAR_CE_BUDGET, cross_entropy, linear_cross_entropy,
+                            linear_cross_entropy_memory)
 
-__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "explain", "report",
-           "BackendError"]
+__all__ = ["attention", "cross_entropy", "linear_cross_entropy", "linear_cross_entropy_memory",
+           "LINEAR_CE_BUDGET", "explain", "report", "BackendError"]

@@ -30,7 +30,10 @@ Cross-entropy over logits (N, V), last dim contiguous, targets (N,) int64:
   cross_entropy_bwd_ -> writes dlogits into `logits` (mutates it; returns nothing)
 Linear cross-entropy of hidden (N, D) @ weight (V, D).T (+ bias (V,)), logits never stored:
   linear_cross_entropy_fwd      -> loss_rows (N,), lse (N,)
-  linear_cross_entropy_bwd      -> dhidden, dweight, dbias (0 elements without bias)
+  linear_cross_entropy_bwd      -> dhidden, dweight, dbias (0 elements without bias);
+                                   filter_eps (None: off) lets a kernel skip the back-products
+                                   of a tile whose every gradient entry is below filter_eps x
+                                   its row's upstream gradient (|grad_rows| + |grad_lse|)
   linear_cross_entropy_fwd_grad -> the budgeted schedule: (loss (reduced, 0-d), lse, dhidden,
                                    dweight, dbias) with the gradients for a unit upstream
                                    gradient of the reduced loss; reduction 1 (mean) or 2 (sum);
@@ -69,7 +72,7 @@ SCHEMAS = {
         f"-> (Tensor loss_rows, Tensor lse)",
     "linear_cross_entropy_bwd":
         f"(Tensor? grad_rows, Tensor? grad_lse, Tensor hidden, Tensor weight, Tensor targets, "
-        f"Tensor? bias, Tensor lse, {_CE_OPTS}) "
+        f"Tensor? bias, Tensor lse, {_CE_OPTS}, float? filter_eps=None) "
         f"-> (Tensor dhidden, Tensor dweight, Tensor dbias)",
     "linear_cross_entropy_fwd_grad":
         f"(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, {_CE_OPTS}, "
@@ -132,7 +135,7 @@ def _fake_lce_fwd(hidden, weight, targets, bias, ignore_index, label_smoothing, 
 
 
 def _fake_lce_bwd(grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index,
-                  label_smoothing, z_loss, softcap):
+                  label_smoothing, z_loss, softcap, filter_eps=None):
     return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
             _fake_bias_grad(hidden, bias))
 

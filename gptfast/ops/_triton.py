@@ -88,10 +88,10 @@ def linear_cross_entropy_fwd(hidden, weight, targets, bias, ignore_index, label_
 
 
 def linear_cross_entropy_bwd(grad_rows, grad_lse, hidden, weight, targets, bias, lse,
-                             ignore_index, label_smoothing, z_loss, softcap):
+                             ignore_index, label_smoothing, z_loss, softcap, filter_eps=None):
     dh, dw, db = _ce().linear_cross_entropy_backward(
         grad_rows, grad_lse, hidden, weight, targets, bias, lse, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, filter_eps=filter_eps)
     return dh, dw, _no_bias_grad(hidden, db)
 
 

@@ -12,7 +12,8 @@ The "torch" backend is plain PyTorch: `reference.cross_entropy` (differentiable)
 for linear cross-entropy the chunked reference, with its hand-written backward, runs inside the
 same autograd.Functions as the kernels (it never holds the N x V logits).
 
-linear_cross_entropy has two schedules (see kernels/cross_entropy.py for their costs):
+linear_cross_entropy has two schedules (see kernels/cross_entropy.py for their costs, and
+kernels/cross_entropy_plan.py for their memory, which `linear_cross_entropy_memory` reports):
   lean      (default): forward keeps only the per-row lse; backward recomputes the logits.
   budgeted  (memory_budget > LEAN_BUDGET, reduction mean/sum, gradients wanted): the gradients
             are computed in the forward for a unit upstream gradient, and backward only scales
@@ -29,13 +30,16 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from gptfast.kernels import cross_entropy_plan as _plan
+
 from . import backends, reference
 from ._checks import (FLOAT_DTYPES, autocast_on, check_choice, check_range,
                       check_same_device, check_same_dtype, check_tensor, follow_autocast)
 from ._library import REDUCTION, kernel
 
 REDUCTIONS = ("mean", "sum", "none")
-LEAN_BUDGET = 64 << 20  # bytes: the lean schedule's working set, and the default budget
+LEAN_BUDGET = _plan.LEAN_MAX_BUDGET  # bytes: a budget at most this runs the lean schedule
+LINEAR_CE_BUDGET = _plan.DEFAULT_BUDGET  # the budgeted schedule's recommended budget (384 MiB)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
@@ -167,7 +171,7 @@ class _CrossEntropy(torch.autograd.Function):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, bias, ignore_index, label_smoothing, z_loss,
-                softcap, reduction, memory_budget, backend):
+                softcap, reduction, memory_budget, backend, filter_eps=None):
         opts = (ignore_index, label_smoothing, z_loss, softcap)
         if backend == "torch":
             loss_rows, lse = _torch_lce_fwd(hidden, weight, targets, bias, *opts, memory_budget)
@@ -179,22 +183,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, bias, lse, count)
         ctx.args = opts
         ctx.reduction, ctx.memory_budget, ctx.backend = reduction, memory_budget, backend
+        ctx.filter_eps = filter_eps
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         if grad_loss is None and grad_lse is None:  # neither output was used
-            return (None,) * 11
+            return (None,) * 12
         hidden, weight, targets, bias, lse, count = ctx.saved_tensors
         g = _grad_rows(grad_loss, count, ctx.reduction, hidden.shape[0])
-        if ctx.backend == "torch":
+        if ctx.backend == "torch":  # computes every gradient entry: filter_eps does not apply
             dh, dw, db = _torch_lce_bwd(g, grad_lse, hidden, weight, targets, bias, lse,
                                         *ctx.args, ctx.memory_budget)
         else:
             dh, dw, db = kernel(ctx.backend, "linear_cross_entropy_bwd", hidden, weight)(
-                g, grad_lse, hidden, weight, targets, bias, lse, *ctx.args)
+                g, grad_lse, hidden, weight, targets, bias, lse, *ctx.args, ctx.filter_eps)
         return (dh, dw, None, db if bias is not None else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 # ---- autograd: linear cross-entropy, budgeted schedule -----------------------------------------
@@ -379,7 +384,7 @@ def _shape(loss, lse, lead, reduction, return_lse):
 
 def _plan_lce(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
               label_smoothing=0.0, z_loss=0.0, softcap=None, return_lse=False, validate=False,
-              memory_budget=None, backend="auto"):
+              memory_budget=None, filter_eps=None, backend="auto"):
     if not (isinstance(hidden, Tensor) and isinstance(weight, Tensor)
             and hidden.dtype in FLOAT_DTYPES and weight.dtype in FLOAT_DTYPES
             and weight.dim() == 2):
@@ -396,6 +401,15 @@ def _plan_lce(hidden, weight, targets, *, bias=None, ignore_index=-100, reductio
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < 0):
         raise ValueError(f"memory_budget: expected None or a number of bytes >= 0, got "
                          f"{memory_budget!r}")
+    if filter_eps is not None:
+        if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) \
+                or not 0.0 < float(filter_eps) < 1.0:
+            raise ValueError(f"filter_eps: expected None or a number in (0, 1), got "
+                             f"{filter_eps!r}")
+        if memory_budget is not None and memory_budget > LEAN_BUDGET:
+            raise ValueError(f"filter_eps: gradient filtering is a lean-schedule option; "
+                             f"memory_budget={memory_budget} selects the budgeted schedule "
+                             f"(use memory_budget=None or <= {LEAN_BUDGET})")
     device = hidden.device
     if not (weight.device == device and isinstance(targets, Tensor) and targets.device == device
             and (bias is None or bias.device == device)):
@@ -424,23 +438,37 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                          reduction: str = "mean", label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: Optional[float] = None,
                          return_lse: bool = False, validate: bool = False,
-                         memory_budget: Optional[int] = None, backend: str = "auto"):
+                         memory_budget: Optional[int] = None,
+                         filter_eps: Optional[float] = None, backend: str = "auto"):
     """Cross-entropy of `hidden @ weight.T (+ bias)` without materializing the logits.
 
     hidden (..., D), weight (V, D) (typically the tied token embedding: when it is also the
     input embedding, autograd adds both gradients), bias (V,) or None, targets (...).
-    Same options and result as `cross_entropy(hidden @ weight.T + bias, targets, ...)`.
-    Memory above the inputs and their gradients is O(chunk x V), never O(N x V).
-    memory_budget: bytes of working memory the op may use. None (the default, about 64 MiB):
-    the lean schedule, logits recomputed in backward (on CPU tensors with the "torch" backend:
-    one pass with ~20 MiB chunks when gradients are wanted). Larger, with reduction mean/sum:
-    the budgeted schedule, gradients computed in forward (fewer FLOPs, more memory).
+    Same options and result as `cross_entropy(hidden @ weight.T + bias, targets, ...)`;
+    rows whose target is ignore_index give loss 0 and lse 0 and no gradient.
+    memory_budget: bytes of working memory the op may use above its inputs and gradients.
+      None (the default): the lean schedule, logits recomputed in backward; on a GPU it holds
+      at most 32 MiB besides the gradients (on CPU tensors with the "torch" backend: one pass
+      with ~20 MiB chunks when gradients are wanted). Above 64 MiB, with reduction mean/sum:
+      the budgeted schedule, gradients computed in forward on cuBLAS (fewer FLOPs, more
+      memory); `gptfast.LINEAR_CE_BUDGET` (384 MiB) keeps the GPT-2, Llama-3 and Gemma-2
+      shapes under half of torch.compile's memory. `gptfast.linear_cross_entropy_memory`
+      gives the peak a step will take.
+    filter_eps: gradient filtering (lean schedule, kernel backends): a tile of the logits'
+      gradient (BLOCK_N rows x BLOCK_V vocabulary entries) whose every entry is below
+      filter_eps x its row's upstream gradient is skipped in the back-products, as Cut
+      Cross-Entropy does. 2**-12 drops entries under bf16 resolution of a row's O(1) ones;
+      the effect on dhidden / dweight is measured in
+      tests/test_kernel_cross_entropy.py::test_lean_gradient_filtering (see the README).
+      The loss, the lse and the bias gradient are exact; the "torch" backend computes every
+      entry. None (the default): off.
     """
     decision, h, w, b, t = _plan_lce(hidden, weight, targets, bias=bias,
                                      ignore_index=ignore_index, reduction=reduction,
                                      label_smoothing=label_smoothing, z_loss=z_loss,
                                      softcap=softcap, validate=validate,
-                                     memory_budget=memory_budget, backend=backend)
+                                     memory_budget=memory_budget, filter_eps=filter_eps,
+                                     backend=backend)
     lead = hidden.shape[:-1]
     if h.dim() != 2:
         h = h.reshape(-1, h.shape[-1])
@@ -464,8 +492,44 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                                                       memory_budget, backend)
     else:
         loss, lse = _LinearCrossEntropy.apply(h, w, t, b, *opts, reduction, memory_budget,
-                                              backend)
+                                              backend, filter_eps)
     return _shape(loss, lse, lead, reduction, return_lse)
+
+
+def linear_cross_entropy_memory(N: int, D: int, V: int, *, dtype: torch.dtype,
+                                memory_budget: Optional[int] = None, bias: bool = False) -> int:
+    """Planned peak bytes of one training step of `linear_cross_entropy` on gptfast's GPU
+    kernels, above its inputs, the gradients included.
+
+    N rows (tokens), D hidden, V vocabulary; dtype of hidden and weight; memory_budget as the
+    op takes it (None: the lean schedule). Counted: the forward (reduction mean) and the
+    backward that follows, with the buffers their launches allocate: the gradients of hidden
+    and weight (and bias), per-row vectors (loss, lse, the valid-rows order), the lean
+    schedule's fp32 dH chunk (<= 32 MiB) and split statistics, the budgeted schedule's
+    accumulators and logits chunk (<= memory_budget). Not counted: cuBLAS/cub workspaces,
+    autograd's bookkeeping, an lse gradient under the budgeted schedule. Nothing is allocated
+    or computed; the launchers size their buffers from the same plan
+    (gptfast/kernels/cross_entropy_plan.py), and a test counts their real allocations at the
+    GPT-2, Llama-3 and Gemma-2 shapes against it. Configurations are those of the current GPU,
+    or of an H100/H200 when there is none.
+
+        gptfast.linear_cross_entropy_memory(8192, 4096, 128256, dtype=torch.bfloat16)
+        # 1151860736 bytes (1098.5 MiB): 1066 MiB of gradients, 32 MiB of fp32 dH rows, ...
+    """
+    for name, n in (("N", N), ("D", D), ("V", V)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < (0 if name == "N" else 1):
+            raise ValueError(f"{name}: expected an int >= {0 if name == 'N' else 1}, got {n!r}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32, got "
+                         f"{dtype!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool)
+                                      or not isinstance(memory_budget, int) or memory_budget < 0):
+        raise ValueError(f"memory_budget: expected None or a number of bytes >= 0, got "
+                         f"{memory_budget!r}")
+    fp32_dw = None
+    if torch.cuda.is_available() and dtype != torch.float32:
+        fp32_dw = _plan.fp32_dw_supported(torch.device("cuda"), dtype)
+    return _plan.plan(N, D, V, dtype, memory_budget, bias=bool(bias), fp32_dw=fp32_dw).peak
 
 
 backends.register_planner("cross_entropy", lambda *a, **kw: _plan_ce(*a, **kw)[0])

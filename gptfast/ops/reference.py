@@ -248,8 +248,9 @@ def attention_torch(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 
 def _row_losses(x: Tensor, targets: Tensor, *, ignore_index: int, label_smoothing: float,
                 z_loss: float, softcap: Optional[float]):
-    """Per-row loss and lse of fp32/fp64 logits x (n, V). Ignored rows give 0; targets out of
-    [0, V) give NaN (the GPU contract: no device-side assert, no host sync)."""
+    """Per-row loss and lse of fp32/fp64 logits x (n, V). Ignored rows give loss 0 and lse 0
+    (no gradient reaches them); targets out of [0, V) give NaN (the GPU contract: no
+    device-side assert, no host sync)."""
     V = x.shape[-1]
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
@@ -265,7 +266,7 @@ def _row_losses(x: Tensor, targets: Tensor, *, ignore_index: int, label_smoothin
         loss = loss + z_loss * lse * lse
     loss = torch.where(in_range, loss, torch.full_like(loss, float("nan")))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return loss, lse
+    return loss, torch.where(valid, lse, torch.zeros_like(lse))
 
 
 def reduce_rows(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction: str) -> Tensor:
@@ -282,7 +283,8 @@ def reduce_rows(loss_rows: Tensor, targets: Tensor, ignore_index: int, reduction
 def cross_entropy(logits: Tensor, targets: Tensor, *, ignore_index: int = -100,
                   label_smoothing: float = 0.0, z_loss: float = 0.0,
                   softcap: Optional[float] = None):
-    """Reference cross-entropy on (N, V) logits: (loss_rows, lse), both fp32, differentiable."""
+    """Reference cross-entropy on (N, V) logits: (loss_rows, lse), both fp32, differentiable.
+    Rows whose target is ignore_index: loss 0, lse 0, no gradient."""
     x = logits.to(_acc_dtype(logits.dtype))
     return _row_losses(x, targets, ignore_index=ignore_index, label_smoothing=label_smoothing,
                        z_loss=z_loss, softcap=softcap)
@@ -320,35 +322,6 @@ def chunk_elements(memory_budget: Optional[int], softcap: Optional[float]) -> in
     """Logit elements per chunk for a working-memory budget in bytes (None: the default)."""
     budget = DEFAULT_WORKSPACE if memory_budget is None else memory_budget
     return max(1 << 12, budget // (8 if softcap is not None else 4))
-
-
-def _chunk_dlogits(x: Tensor, t: Tensor, lse: Tensor, g_rows: Optional[Tensor],
-                   g_lse: Optional[Tensor], *, ignore_index: int, label_smoothing: float,
-                   z_loss: float, softcap: Optional[float]) -> Tensor:
-    """d(loss)/d(raw logits) for one chunk, written out by hand (no autograd graph kept)."""
-    V = x.shape[-1]
-    if softcap is not None:
-        th = torch.tanh(x / softcap)
-        x = softcap * th
-    p = torch.exp(x - lse.unsqueeze(-1))  # softmax, (n, V)
-    valid = (t != ignore_index).unsqueeze(-1)
-    g = torch.zeros_like(p)
-    if g_rows is not None:
-        # Ignored rows carry no gradient, even when the upstream one is inf/NaN (mean of an
-        # all-ignored batch divides by zero).
-        gr = torch.where(valid, g_rows.to(x.dtype).unsqueeze(-1), 0.0)
-        coef_p = 1.0 + 2.0 * z_loss * lse.unsqueeze(-1)  # softmax part of nll, smoothing, z
-        g = p * coef_p - label_smoothing / V
-        in_range = (t >= 0) & (t < V)
-        # - (1 - eps) * onehot(target), without building the one-hot matrix
-        g.scatter_add_(-1, torch.where(in_range, t, torch.zeros_like(t)).unsqueeze(-1),
-                       (-(1.0 - label_smoothing) * in_range.to(x.dtype)).unsqueeze(-1))
-        g.mul_(gr)
-    if g_lse is not None:
-        g = g + g_lse.to(x.dtype).unsqueeze(-1) * p
-    if softcap is not None:
-        g = g * (1.0 - th * th)
-    return g
 
 
 class _Chunks:
@@ -419,7 +392,8 @@ class _Chunks:
 def _chunk_losses_(x: Tensor, c: _Chunks, s: int, e: int, *, label_smoothing: float,
                    z_loss: float):
     """Loss and lse of the rows s:e from their logits x (n, V), overwriting x with
-    exp(x - rowmax) (the softmax times sumexp). Returns (loss_rows, lse, sumexp)."""
+    exp(x - rowmax) (the softmax times sumexp). Returns (loss_rows, lse, sumexp); ignored rows
+    get loss 0 and lse 0."""
     t = c.safe_t[s:e].unsqueeze(-1)
     x_y = x.gather(-1, t).squeeze(-1)                       # the target's logit
     x_mean = x.mean(dim=-1) if label_smoothing > 0.0 else None
@@ -432,8 +406,9 @@ def _chunk_losses_(x: Tensor, c: _Chunks, s: int, e: int, *, label_smoothing: fl
     if z_loss > 0.0:
         loss = loss + z_loss * lse * lse
     loss = torch.where(c.in_range[s:e], loss, torch.full_like(loss, float("nan")))
-    loss = torch.where(c.valid[s:e], loss, torch.zeros_like(loss))
-    return loss, lse, sumexp
+    valid = c.valid[s:e]
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, torch.where(valid, lse, torch.zeros_like(lse)), sumexp
 
 
 def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, targets: Tensor,
@@ -475,10 +450,13 @@ def linear_cross_entropy_backward(grad_rows: Optional[Tensor], grad_lse: Optiona
     c = _Chunks(hidden, weight, targets, bias, ignore_index=ignore_index, softcap=softcap,
                 chunk_elements=chunk_elements)
     dhidden, dweight, dbias = _grads_like(hidden, weight, bias, c.acc)
+    # Ignored rows have lse 0 (not their logsumexp): +inf there makes their softmax 0 (never
+    # exp overflowing into inf * 0), and no loss or lse gradient reaches them.
     lse = lse.to(c.acc)
+    lse_p = lse.masked_fill(~c.valid, float("inf"))
     for s, e in c:
         h, x, th = c.logits_(s, e)
-        p = x.sub_(lse[s:e].unsqueeze(-1)).exp_()           # softmax, in place
+        p = x.sub_(lse_p[s:e].unsqueeze(-1)).exp_()         # softmax, in place
         coef = torch.zeros(e - s, dtype=c.acc, device=x.device)
         gr = None
         if grad_rows is not None:
@@ -487,7 +465,7 @@ def linear_cross_entropy_backward(grad_rows: Optional[Tensor], grad_lse: Optiona
             gr = torch.where(c.valid[s:e], grad_rows[s:e].to(c.acc), 0.0)
             coef = gr * (1.0 + 2.0 * z_loss * lse[s:e])     # nll, smoothing and z-loss parts
         if grad_lse is not None:
-            coef = coef + grad_lse[s:e].to(c.acc)
+            coef = coef + torch.where(c.valid[s:e], grad_lse[s:e].to(c.acc), 0.0)
         g = c.gradient_(s, e, p, th, coef, gr, label_smoothing)
         c.backprop_(s, e, h, g, dhidden, dweight, dbias)
     return _as_param_dtypes(dhidden, dweight, dbias, weight, bias)
