@@ -790,7 +790,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cross_entropy_bwd", &cross_entropy_bwd);
   m.def("cross_entropy_bwd_", &cross_entropy_bwd_inplace);
   m.def("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
-  m.def("linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
+  m.def("linear_cross_entropy_bwd", &linear_cross_entropy_bwd, py::arg("grad_rows"),
+        py::arg("grad_lse"), py::arg("hidden"), py::arg("weight"), py::arg("targets"),
+        py::arg("bias"), py::arg("lse"), py::arg("ignore_index"), py::arg("label_smoothing"),
+        py::arg("z_loss"), py::arg("softcap"), py::arg("filter_eps") = py::none());
   m.def("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
   m.def("_set_linear_scratch_bytes", &set_linear_scratch_bytes);
   m.def("kernel_launches", &kernel_launches);
