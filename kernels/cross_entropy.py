@@ -140,6 +140,13 @@ def _on(**features):
     return tuple(name for name, on in features.items() if on)
 
 
+def _row_config(kind, logits, **features):
+    """(launch options, BLOCK_V) of a row kernel over (n, v) logits: the entry's vocabulary
+    block, never wider than the row."""
+    cfg = _config(kind, logits.device, logits.dtype, _on(**features))
+    return cfg, min(cfg.pop("BLOCK_V"), triton.next_power_of_2(logits.shape[1]))
+
+
 def _num_sms(device):
     target = configs.launch_target(device)
     return target.num_sms if target is not None else 4
@@ -332,9 +339,8 @@ def _ce_forward(logits, targets, loss, lse, ignore_index, label_smoothing, z_los
     n, v = logits.shape
     if n == 0:
         return
-    cfg = _config("ce_fwd", logits.device, logits.dtype,
-                  _on(softcap=softcap is not None, smoothing=label_smoothing > 0))
-    block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
+    cfg, block_v = _row_config("ce_fwd", logits, softcap=softcap is not None,
+                               smoothing=label_smoothing > 0)
     _ce_fwd_kernel[checked_grid(n)](
         logits, targets, loss, lse,
         v, logits.stride(0), ignore_index, float(label_smoothing), float(z_loss),
@@ -350,9 +356,7 @@ def _ce_backward(grad_rows, grad_lse, logits, targets, lse, out, ignore_index,
     if n == 0:
         return
     has_glse = grad_lse is not None
-    cfg = _config("ce_bwd", logits.device, logits.dtype,
-                  _on(softcap=softcap is not None, glse=has_glse))
-    block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
+    cfg, block_v = _row_config("ce_bwd", logits, softcap=softcap is not None, glse=has_glse)
     _ce_bwd_kernel[checked_grid(n)](
         logits, targets, lse, grad_rows, grad_lse if has_glse else lse, out,
         v, logits.stride(0), out.stride(0), grad_rows.stride(0),
@@ -370,9 +374,8 @@ def _ce_fused(logits, targets, g_scale, loss, lse, ignore_index, label_smoothing
     n, v = logits.shape
     if n == 0:
         return
-    cfg = _config("ce_fused", logits.device, logits.dtype,
-                  _on(softcap=softcap is not None, smoothing=label_smoothing > 0))
-    block_v = min(cfg.pop("BLOCK_V"), triton.next_power_of_2(v))
+    cfg, block_v = _row_config("ce_fused", logits, softcap=softcap is not None,
+                               smoothing=label_smoothing > 0)
     _ce_fused_kernel[checked_grid(n)](
         logits, targets, g_scale, loss, lse,
         v, logits.stride(0), ignore_index, float(label_smoothing), float(z_loss),
