@@ -738,14 +738,13 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   return {out, lse};
 }
 
-// gptfast::cuda_attention_bwd: dq, dk, dv (dk / dv summed over each query-head group).
-std::tuple<Tensor, Tensor, Tensor> attention_bwd(
-    const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k,
-    const Tensor& v, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& alibi_slopes,
-    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& seed, bool causal,
-    double softmax_scale, std::optional<int64_t> window, double dropout_p, bool deterministic) {
-  const char* op = "cuda_attention_bwd";
-  count_call(op);
+// The backward; `accum`, when given, receives the fp32 dQ accumulator of the atomic backward.
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_impl(
+    const char* op, const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q,
+    const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& seed, bool causal, double softmax_scale,
+    std::optional<int64_t> window, double dropout_p, bool deterministic, Tensor* accum) {
   Io io;
   AttnInputs in = attention_inputs(op, io, q, k, v, alibi_slopes, key_padding_mask, seed, causal,
                                    softmax_scale, window, dropout_p);
@@ -808,7 +807,34 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
   gf::attn::backward(in.dtype, p, ctx.dev, ctx.stream);
   if (!deterministic) dq.copy_(dq_acc);  // fp32 accumulator -> q's dtype
   io.done(op);
+  if (accum) *accum = dq_acc;
   return {dq, dk, dv};
+}
+
+// gptfast::cuda_attention_bwd: dq, dk, dv (dk / dv summed over each query-head group).
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& alibi_slopes,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& seed, bool causal,
+    double softmax_scale, std::optional<int64_t> window, double dropout_p, bool deterministic) {
+  const char* op = "cuda_attention_bwd";
+  count_call(op);
+  return attention_bwd_impl(op, dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask,
+                            seed, causal, softmax_scale, window, dropout_p, deterministic, nullptr);
+}
+
+// The atomic backward's fp32 dQ accumulator (before it is rounded to q's dtype), for the tests
+// that show its additions follow the block order.
+Tensor attention_dq_accum(const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q,
+                          const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                          const std::optional<Tensor>& alibi_slopes,
+                          const std::optional<Tensor>& key_padding_mask,
+                          const std::optional<Tensor>& seed, bool causal, double softmax_scale,
+                          std::optional<int64_t> window, double dropout_p) {
+  Tensor accum;
+  attention_bwd_impl("_attention_dq_accum", dout, dlse, q, k, v, out, lse, alibi_slopes,
+                     key_padding_mask, seed, causal, softmax_scale, window, dropout_p, false, &accum);
+  return accum;
 }
 
 // The dropout keep-mask (B, H, Sq, Sk) bool the attention kernels draw for `seed` (tests).
@@ -906,6 +932,20 @@ Tensor test_exp2(const Tensor& x) {
   if (x.numel() > 0)
     gf::tests::run_exp2(x.data_ptr<float>(), y.data_ptr<float>(), int(x.numel()), ctx.dev, ctx.stream);
   return y;
+}
+
+Tensor test_philox(const Tensor& seeds, const Tensor& offsets) {
+  check_device("_test_philox", "seeds", seeds);
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong &&
+                  seeds.dim() == 1 && seeds.sizes() == offsets.sizes() && seeds.is_contiguous() &&
+                  offsets.is_contiguous() && seeds.numel() < INT_MAX,
+              "_test_philox: seeds and offsets: contiguous int64 vectors of one length");
+  LaunchCtx ctx(seeds);
+  Tensor out = at::full({seeds.numel()}, NAN, seeds.options().dtype(at::kFloat));
+  if (seeds.numel() > 0)
+    gf::tests::run_philox(seeds.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                          out.data_ptr<float>(), int(seeds.numel()), ctx.dev, ctx.stream);
+  return out;
 }
 
 Tensor test_atomics(const Tensor& vals, int64_t m) {
@@ -1072,6 +1112,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_fwd", &attention_fwd);
   m.def("attention_bwd", &attention_bwd);
   m.def("attention_dropout_keep_mask", &attention_dropout_keep_mask);
+  m.def("_attention_dq_accum", &attention_dq_accum);
   m.def("attention_head_dims", &attention_head_dims);
   m.def("_set_linear_scratch_bytes", &set_linear_scratch_bytes);
   m.def("kernel_launches", &kernel_launches);
@@ -1081,6 +1122,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_test_mma", &test_mma);
   m.def("_test_cp_async", &test_cp_async);
   m.def("_test_exp2", &test_exp2);
+  m.def("_test_philox", &test_philox);
   m.def("_test_atomics", &test_atomics);
   m.def("_test_reductions", &test_reductions);
 #ifdef GPTFAST_SIM
