@@ -100,9 +100,26 @@ def test_head_dims_match_the_python_side():
     assert tuple(sim().attention_head_dims()) == CUDA_HEAD_DIMS
 
 
-# ---- shapes: odd lengths, Sq != Sk both ways (bottom-right causal), non-causal ------------------
+# ---- the sanitizer subset (make test-cuda_sanitize: the layer's ASan + UBSan build, ~10x slower) --
+
+SANITIZED = {
+    "causal_sq<sk_d128": dict(Sq=37, Sk=53, d=128, dtype=torch.float16),
+    "full_sq>sk_left_padding": dict(B=2, Sq=29, Sk=21, causal=False, padding="left"),
+    "gqa_window_alibi_dlse_deterministic": dict(Hq=4, Hkv=2, Sq=23, Sk=30, window=9, alibi=True,
+                                                dlse=True, deterministic=True),
+    "dropout_empty_padding": dict(B=2, Hkv=1, Sq=19, Sk=26, padding="empty", dropout_p=0.3,
+                                  dtype=torch.float16),
+}
+
 
 @pytest.mark.cuda_sanitize
+@pytest.mark.parametrize("case", sorted(SANITIZED))
+def test_sanitized_subset(case):
+    run_case(**SANITIZED[case], orders=ORDERS[:1])
+
+
+# ---- shapes: odd lengths, Sq != Sk both ways (bottom-right causal), non-causal ------------------
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -133,7 +150,6 @@ def test_gqa(hkv, dtype):
     run_case(Hq=8, Hkv=hkv, Sq=19, Sk=45, dtype=dtype, orders=ORDERS[:2])
 
 
-@pytest.mark.cuda_sanitize
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("padding", ["right", "left", "empty"])
 def test_key_padding(padding, dtype):
@@ -156,7 +172,6 @@ def test_window(window, shape, dtype):
     run_case(Sq=shape[0], Sk=shape[1], dtype=dtype, window=window, orders=ORDERS[:1])
 
 
-@pytest.mark.cuda_sanitize
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_window_alibi_padding_gqa_dlse(dtype):
     run_case(B=2, Hq=4, Hkv=2, Sq=31, Sk=50, dtype=dtype, window=12, alibi=True,
@@ -206,7 +221,6 @@ def test_dropout_mask_is_the_triton_kernels_mask_and_has_the_right_rate():
     assert (big != other).float().mean().item() > 0.3
 
 
-@pytest.mark.cuda_sanitize
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dropout_matches_the_reference_with_the_same_mask(dtype, deterministic):
