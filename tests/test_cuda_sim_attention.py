@@ -377,3 +377,24 @@ def test_fullgraph_compile_through_the_cuda_attention_ops():
     torch.testing.assert_close(compiled, eager)
     for a, e in zip(g_comp, g_eager):
         assert bits_equal(a, e)  # the same kernels on the same inputs
+
+
+def test_auto_passes_cuda_over_until_measured_but_by_name_it_runs(monkeypatch):
+    """The 'auto' policy (gptfast.ops.attention.CUDA_AUTO), decided as on a GPU machine where
+    both kernel backends could run: 'auto' skips the CUDA kernels with the reason, naming them
+    runs them, and flipping CUDA_AUTO lets 'auto' pick them."""
+    import importlib
+    from gptfast.ops import backends
+    att = importlib.import_module("gptfast.ops.attention")  # the module (the package exports the function)
+    monkeypatch.setitem(backends._AVAILABILITY, "cuda", lambda device: None)
+    monkeypatch.setitem(backends._AVAILABILITY, "triton", lambda device: "not in this test")
+    f = att.Facts(torch.bfloat16, 128, True, 20)
+    gpu = torch.device("cuda")
+    auto = backends._decide(att.OP, "auto", gpu, f)
+    assert auto.backend == "torch" and "cuda" in auto.auto_skipped
+    assert "by name only" in str(auto) and "CUDA_AUTO" in str(auto)
+    assert backends._decide(att.OP, "cuda", gpu, f).backend == "cuda"
+    monkeypatch.setattr(att, "CUDA_AUTO", True)
+    assert backends._decide(att.OP, "auto", gpu, f).backend == "cuda"
+    fp32 = backends._decide(att.OP, "cuda", gpu, att.Facts(torch.float32, 128, True, 20))
+    assert fp32.error and "mma.sync" in fp32.error
