@@ -135,6 +135,14 @@ def test_every_order_multi_tile(dtype):
     run_case(Sq=150, Sk=261, Hq=1, d=64, dtype=dtype, causal=True)
 
 
+@pytest.mark.parametrize("d", [64, 128])
+def test_launches_within_sm90_limits_too(d):
+    """The layer enforces the simulated arch's launch limits (default sm_80); the same
+    configurations run under sm_90's."""
+    with cuda_sim.settings(arch=90):
+        run_case(Sq=40, Sk=70, d=d, Hq=2, Hkv=1, deterministic=True, orders=ORDERS[:1])
+
+
 def test_causal_more_queries_than_keys_gives_dead_rows_zeros():
     """Sq = 21 > Sk = 6, causal: the first 15 queries see no key: out 0, lse -inf, dq 0."""
     out, lse, (dq, _, _) = run_case(Sq=21, Sk=6, d=64, orders=ORDERS[:1])
