@@ -160,7 +160,7 @@ def _cuda(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("opts", sorted(ATTN_OPTIONS))
 @pytest.mark.parametrize("Sq,Sk", [(1000, 1537), (777, 300)])
 def test_attention_kernels_on_the_gpu(gpu, dtype, d, opts, Sq, Sk):

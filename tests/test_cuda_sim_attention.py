@@ -2,7 +2,7 @@
 (gptfast/cuda_sim.py), through their direct entry points and through `gptfast.attention(...,
 backend="cuda")`, against the float64 oracle of tests/_attention_ref.py with FlashAttention's
 tolerance rule (tests/_tolerance.py: 2x the same-dtype eager error for out / lse, 3x for
-gradients). fp16 and bf16, head dims 64 and 128, tiny odd shapes.
+gradients). fp16 and bf16, head dims 64, 96 and 128, tiny odd shapes.
 
 Poisoning and bounds come from the layer itself (csrc/sim/guards.h): every output is allocated
 NaN-filled, every input is copied into NaN guard bands (with a NaN gap after every row), and the
@@ -104,6 +104,7 @@ def test_head_dims_match_the_python_side():
 
 SANITIZED = {
     "causal_sq<sk_d128": dict(Sq=37, Sk=53, d=128, dtype=torch.float16),
+    "gqa_d96_atomic": dict(Hq=4, Hkv=1, Sq=21, Sk=34, d=96),
     "full_sq>sk_left_padding": dict(B=2, Sq=29, Sk=21, causal=False, padding="left"),
     "gqa_window_alibi_dlse_deterministic": dict(Hq=4, Hkv=2, Sq=23, Sk=30, window=9, alibi=True,
                                                 dlse=True, deterministic=True),
@@ -121,7 +122,7 @@ def test_sanitized_subset(case):
 # ---- shapes: odd lengths, Sq != Sk both ways (bottom-right causal), non-causal ------------------
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 96, 128])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", [(37, 53), (53, 37)], ids=["sq<sk", "sq>sk"])
 def test_shapes(shape, causal, d, dtype):
@@ -135,12 +136,19 @@ def test_every_order_multi_tile(dtype):
     run_case(Sq=150, Sk=261, Hq=1, d=64, dtype=dtype, causal=True)
 
 
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 96, 128])
 def test_launches_within_sm90_limits_too(d):
     """The layer enforces the simulated arch's launch limits (default sm_80); the same
     configurations run under sm_90's."""
     with cuda_sim.settings(arch=90):
         run_case(Sq=40, Sk=70, d=d, Hq=2, Hkv=1, deterministic=True, orders=ORDERS[:1])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_d96_multi_tile_every_order(deterministic):
+    """d = 96 (the odd one: 12 chunks of 16 bytes a row, 6 mma k-steps) over several tiles."""
+    run_case(Sq=140, Sk=170, Hq=2, Hkv=1, d=96, dtype=torch.float16, alibi=True,
+             deterministic=deterministic)
 
 
 def test_causal_more_queries_than_keys_gives_dead_rows_zeros():
@@ -316,7 +324,7 @@ def test_cuda_backend_refuses_what_its_kernels_do_not_support():
     with pytest.raises(BackendError, match="mma.sync.*no fp32 form.*TF32"):
         gptfast.attention(x, x, x, backend="cuda")
     y = torch.randn(1, 2, 8, 32).half()
-    with pytest.raises(BackendError, match=r"head dim 32 is not supported \(supported: \(64, 128\)\)"):
+    with pytest.raises(BackendError, match=r"head dim 32 is not supported \(supported: \(64, 96, 128\)\)"):
         gptfast.attention(y, y, y, backend="cuda")
     # The op itself checks too (TORCH_CHECK), naming the argument.
     with pytest.raises(RuntimeError, match="cuda_attention_fwd: float32 is not supported"):

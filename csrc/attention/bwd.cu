@@ -27,8 +27,13 @@ namespace {
 
 template <int D>
 struct PreShape {
-  static constexpr int THREADS = kPreprocessThreads, TPR = D / 8, RPB = THREADS / TPR;
-  static_assert(32 % TPR == 0, "a row's threads share a warp");
+  // A row's 16-byte chunks go to TPR threads of one warp (the largest power of two <= 16 that
+  // divides them: 8 at d = 64, 4 at d = 96, 16 at d = 128), CPT chunks each.
+  static constexpr int CHUNKS = D / 8;
+  static constexpr int TPR = CHUNKS % 16 == 0 ? 16 : CHUNKS % 8 == 0 ? 8 : CHUNKS % 4 == 0 ? 4
+                             : CHUNKS % 2 == 0 ? 2 : 1;
+  static constexpr int THREADS = kPreprocessThreads, CPT = CHUNKS / TPR, RPB = THREADS / TPR;
+  static_assert(32 % TPR == 0 && CPT * TPR == CHUNKS, "a row's threads share a warp");
 };
 
 template <class T, int D>
@@ -45,7 +50,10 @@ __global__ void __launch_bounds__(kPreprocessThreads) attn_bwd_preprocess_kernel
     const T* o = static_cast<const T*>(p.out) + b * p.so.b + h * p.so.h + row * p.so.row + chunk * 8;
     const T* d = static_cast<const T*>(p.dout) + b * p.sdo.b + h * p.sdo.h + row * p.sdo.row + chunk * 8;
     #pragma unroll
-    for (int e = 0; e < 8; ++e) sum += to_float<T>(o[e]) * to_float<T>(d[e]);
+    for (int c = 0; c < S::CPT; ++c) {
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) sum += to_float<T>(o[c * S::TPR * 8 + e]) * to_float<T>(d[c * S::TPR * 8 + e]);
+    }
   }
   #pragma unroll
   for (int m = 1; m < S::TPR; m <<= 1) sum += shfl_xor(sum, m);
@@ -55,7 +63,10 @@ __global__ void __launch_bounds__(kPreprocessThreads) attn_bwd_preprocess_kernel
   if (p.dq_accum) {
     float* acc = p.dq_accum + at * D + chunk * 8;
     #pragma unroll
-    for (int e = 0; e < 8; ++e) acc[e] = 0.0f;
+    for (int c = 0; c < S::CPT; ++c) {
+      #pragma unroll
+      for (int e = 0; e < 8; ++e) acc[c * S::TPR * 8 + e] = 0.0f;
+    }
   }
 }
 

@@ -33,12 +33,17 @@ struct BwdQTile {
 
 // Head dims with kernels. Each one is compiled for fp16 and bf16 (and both archs): the build
 // budget (csrc/README.md) bounds this list.
-using HeadDims = std::integer_sequence<int, 64, 128>;
+using HeadDims = std::integer_sequence<int, 64, 96, 128>;
 
 template <int D> struct Config;
 template <> struct Config<64> {
   static constexpr FwdTile fwd{4, 2, 64, 2};     // 128 x 64, 55 KiB
   static constexpr BwdKvTile bwd_kv{8, 64, 2};   // 128 keys x 64 queries
+  static constexpr BwdQTile bwd_q{4, 64, 2};     // 64 x 64
+};
+template <> struct Config<96> {
+  static constexpr FwdTile fwd{4, 2, 32, 2};     // 128 x 32
+  static constexpr BwdKvTile bwd_kv{8, 64, 2};   // 128 keys x 64 queries (the dQ split needs 64)
   static constexpr BwdQTile bwd_q{4, 64, 2};     // 64 x 64
 };
 template <> struct Config<128> {

@@ -67,7 +67,7 @@ backends.register_support(OP, "triton", _triton_support)
 
 # Head dims of the CUDA C++ kernels (csrc/attention/configs.h: HeadDims; a test keeps the two
 # lists equal). Forward and backward alike.
-CUDA_HEAD_DIMS = (64, 128)
+CUDA_HEAD_DIMS = (64, 96, 128)
 
 
 def _cuda_support(f: Facts) -> Optional[str]:
