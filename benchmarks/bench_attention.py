@@ -98,7 +98,8 @@ def peers_for(run: harness.Run, S: int, d: int, first_d: bool) -> Dict[str, Opti
             run.missing(CUDA, "gptfast._C is not built (make build-cuda)")
         else:
             peers[CUDA] = gptfast_peer(backend="cuda")
-            peers[CUDA_DETERMINISTIC] = gptfast_peer(True, backend="cuda")
+            if not run.quick:  # gpu-check's quick run keeps to its time slot
+                peers[CUDA_DETERMINISTIC] = gptfast_peer(True, backend="cuda")
     for name, backend in SDPA.items():
         if not run.is_cuda and name in ("sdpa-cudnn", "sdpa-efficient"):
             run.missing(name, "needs CUDA (CPU run)")
