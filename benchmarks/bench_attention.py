@@ -26,6 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 GPTFAST, DETERMINISTIC = "gptfast", "gptfast-deterministic"
+# The CUDA C++ kernels (csrc/attention/) by name: "auto" does not pick them until these rows show
+# them faster (gptfast.ops.attention.CUDA_AUTO).
+CUDA, CUDA_DETERMINISTIC = "gptfast-cuda", "gptfast-cuda-deterministic"
+FORWARD_ONLY_ONCE = (DETERMINISTIC, CUDA_DETERMINISTIC)  # same forward as their peer
 SDPA = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
         "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
 FLEX, EAGER = "flex-compiled", "eager"
@@ -76,15 +80,26 @@ def flex_peer(S: int, device) -> Callable:
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
-def gptfast_peer(deterministic: bool = False) -> Callable:
+def gptfast_peer(deterministic: bool = False, backend: str = "auto") -> Callable:
     import gptfast
-    return lambda q, k, v: gptfast.attention(q, k, v, causal=True, deterministic=deterministic)
+    return lambda q, k, v: gptfast.attention(q, k, v, causal=True, deterministic=deterministic,
+                                             backend=backend)
 
 
 def peers_for(run: harness.Run, S: int, d: int, first_d: bool) -> Dict[str, Optional[Callable]]:
     """name -> function, or None (skipped at this point, reason recorded)."""
     peers: Dict[str, Optional[Callable]] = {GPTFAST: gptfast_peer(),
                                             DETERMINISTIC: gptfast_peer(True)}
+    if not run.is_cuda:
+        run.missing(CUDA, "the CUDA C++ kernels need a GPU (CPU run)")
+    else:
+        from gptfast.ops import backends
+        if backends.cuda_extension() is None:
+            run.missing(CUDA, "gptfast._C is not built (make build-cuda)")
+        else:
+            peers[CUDA] = gptfast_peer(backend="cuda")
+            if not run.quick:  # gpu-check's quick run keeps to its time slot
+                peers[CUDA_DETERMINISTIC] = gptfast_peer(True, backend="cuda")
     for name, backend in SDPA.items():
         if not run.is_cuda and name in ("sdpa-cudnn", "sdpa-efficient"):
             run.missing(name, "needs CUDA (CPU run)")
@@ -125,7 +140,7 @@ def measure(run: harness.Run, name: str, fn: Callable, B: int, H: int, S: int, d
             import gptfast
             row["backend"] = gptfast.explain(gptfast.attention, q, k, v, causal=True).backend
         out = fn(q, k, v)                      # first call: compiles, checks the peer runs
-        if name != DETERMINISTIC:              # same forward as gptfast: time only its backward
+        if name not in FORWARD_ONLY_ONCE:      # same forward as its peer: time only its backward
             row["fwd_ms"] = run.time_ms(lambda: fn(q, k, v))
             row["fwd_tflops"] = flops / (row["fwd_ms"] * 1e-3) / 1e12
         row["bwd_ms"] = run.time_ms(lambda: out.backward(dout, retain_graph=True),
@@ -181,6 +196,11 @@ def attention_goals(rows: List[dict], judged: bool = True) -> List[dict]:
              lambda S: True, 1.1, False),
             (f"attn deterministic bwd vs SDPA flash, d={d}", DETERMINISTIC, "sdpa-flash",
              "bwd_tflops", lambda S: True, 0.9, False),
+            # issue 13: the mma.sync CUDA C++ kernels at least match FA2 for S >= 2k
+            (f"attn CUDA C++ fwd vs SDPA flash, S>=2k, d={d}", CUDA, "sdpa-flash", "fwd_tflops",
+             lambda S: S >= 2048, 1.0, False),
+            (f"attn CUDA C++ bwd vs SDPA flash, S>=2k, d={d}", CUDA, "sdpa-flash", "bwd_tflops",
+             lambda S: S >= 2048, 1.0, False),
             (f"attn fwd vs SDPA cuDNN, d={d}", GPTFAST, "sdpa-cudnn", "fwd_tflops",
              lambda S: True, 1.0, True),
             (f"attn bwd vs SDPA cuDNN, d={d}", GPTFAST, "sdpa-cudnn", "bwd_tflops",

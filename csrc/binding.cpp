@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "attention/attention.h"
 #include "common/launch.h"
 #include "cross_entropy/configs.h"
 #include "cross_entropy/cross_entropy.h"
@@ -113,12 +115,15 @@ struct Io {
 #ifdef GPTFAST_SIM
   gf::sim::Guards guards;
   Tensor in(const Tensor& t, const char* name) { return guards.input(t, name); }
+  // An input the kernels index as contiguous: guarded without gaps.
+  Tensor in_dense(const Tensor& t, const char* name) { return guards.input(t, name, true); }
   Tensor out(at::IntArrayRef sizes, const at::TensorOptions& o, const char* name) {
     return guards.output(sizes, o, name);
   }
   void done(const char* op) { guards.check(op); }
 #else
   Tensor in(const Tensor& t, const char*) { return t; }
+  Tensor in_dense(const Tensor& t, const char*) { return t; }
   Tensor out(at::IntArrayRef sizes, const at::TensorOptions& o, const char*) {
     return at::empty(sizes, o);
   }
@@ -579,6 +584,295 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd_grad
   return {loss, lse, dh, dw, db};
 }
 
+// ---- attention ----------------------------------------------------------------------------------
+
+constexpr int64_t kMaxSeq = int64_t(1) << 29;  // 32-bit position arithmetic in the kernels
+
+constexpr const char* kNoFp32 =
+    ": float32 is not supported by the CUDA backend (its kernels are built on mma.sync, which has "
+    "no fp32 form, and gptfast does not silently use TF32): use fp16/bf16, or backend='triton' / "
+    "'torch'";
+
+std::string head_dims_str() {
+  int n = 0;
+  const int* dims = gf::attn::head_dims(&n);
+  std::string s;
+  for (int i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s;
+}
+
+// A (B, H, S, d) tensor of the kernels' dtype whose last dimension is contiguous.
+void check_bhsd(const char* op, const char* arg, const Tensor& t, const char* what) {
+  check_device(op, arg, t);
+  TORCH_CHECK(t.dim() == 4, op, ": ", arg, ": expected shape ", what, ", got ", t.sizes());
+  TORCH_CHECK(t.stride(3) == 1 || t.size(3) <= 1, op, ": ", arg,
+              ": expected the last (head) dimension contiguous, got strides ", t.strides());
+}
+
+gf::attn::Strides strides_of(const Tensor& t) {
+  return gf::attn::Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Everything both attention ops check and pass: q, k, v and the options, guarded (CPU layer).
+struct AttnInputs {
+  Tensor q, k, v, slopes, kpm, seed;
+  gf::DType dtype;
+  gf::attn::Params p;
+};
+
+AttnInputs attention_inputs(const char* op, Io& io, const Tensor& q, const Tensor& k,
+                            const Tensor& v, const std::optional<Tensor>& alibi_slopes,
+                            const std::optional<Tensor>& key_padding_mask,
+                            const std::optional<Tensor>& seed, bool causal, double softmax_scale,
+                            const std::optional<int64_t>& window, double dropout_p) {
+  check_bhsd(op, "q", q, "(B, Hq, Sq, d)");
+  check_bhsd(op, "k", k, "(B, Hkv, Sk, d)");
+  check_bhsd(op, "v", v, "(B, Hkv, Sk, d)");
+  TORCH_CHECK(q.scalar_type() != at::kFloat, op, kNoFp32);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q: expected float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), d = q.size(3);
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v: expected the same shape (B, Hkv, Sk, d), got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == B && k.size(3) == d, op, ": k: expected shape (", B, ", Hkv, Sk, ", d,
+              ") to match q ", q.sizes(), ", got ", k.sizes());
+  const int64_t Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK(Hkv >= 1 && Hq % Hkv == 0, op, ": k: the number of key/value heads (", Hkv,
+              ") must divide the number of query heads (", Hq, ")");
+  TORCH_CHECK(gf::attn::supported_head_dim(int(d)), op, ": head dim ", d,
+              " has no CUDA kernel (supported: ", head_dims_str(), ")");
+  TORCH_CHECK(B <= INT_MAX && Hq <= INT_MAX && Sq <= kMaxSeq && Sk <= kMaxSeq, op,
+              ": sequence lengths up to 2^29 (and batch, heads up to 2^31 - 1), got q ", q.sizes(),
+              ", k ", k.sizes());
+  TORCH_CHECK(std::isfinite(softmax_scale), op, ": softmax_scale: expected a finite float, got ",
+              softmax_scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p: expected a value in [0, 1), got ",
+              dropout_p);
+  if (window.has_value()) {
+    TORCH_CHECK(*window >= 1, op, ": window: expected a positive int or None, got ", *window);
+    TORCH_CHECK(causal, op, ": window: local attention is defined for causal=True only");
+  }
+  AttnInputs in;
+  in.dtype = dtype_of(op, "q", q);
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    check_device(op, "alibi_slopes", *alibi_slopes);
+    TORCH_CHECK(alibi_slopes->dim() == 1 && alibi_slopes->size(0) == Hq &&
+                    at::isFloatingType(alibi_slopes->scalar_type()),
+                op, ": alibi_slopes: expected a float tensor of shape (", Hq, ",), got ",
+                alibi_slopes->scalar_type(), " ", alibi_slopes->sizes());
+    in.slopes = io.in(alibi_slopes->to(at::kFloat).contiguous(), "alibi_slopes");
+  }
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    check_device(op, "key_padding_mask", *key_padding_mask);
+    TORCH_CHECK(key_padding_mask->scalar_type() == at::kBool && key_padding_mask->dim() == 2 &&
+                    key_padding_mask->size(0) == B && key_padding_mask->size(1) == Sk,
+                op, ": key_padding_mask: expected bool of shape (", B, ", ", Sk, "), got ",
+                key_padding_mask->scalar_type(), " ", key_padding_mask->sizes());
+    in.kpm = io.in(*key_padding_mask, "key_padding_mask");
+  }
+  if (dropout_p > 0.0) {
+    TORCH_CHECK(seed.has_value() && seed->defined(), op,
+                ": seed: dropout_p > 0 needs a seed tensor (int64, one element, on the device)");
+    check_device(op, "seed", *seed);
+    TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+                ": seed: expected one int64 element, got ", seed->scalar_type(), " ", seed->sizes());
+    in.seed = io.in(seed->reshape({1}).contiguous(), "seed");
+  }
+  in.q = io.in(q, "q");
+  in.k = io.in(k, "k");
+  in.v = io.in(v, "v");
+  gf::attn::Params& p = in.p;
+  p.q = in.q.data_ptr();
+  p.k = in.k.data_ptr();
+  p.v = in.v.data_ptr();
+  p.sq = strides_of(in.q);
+  p.sk = strides_of(in.k);
+  p.sv = strides_of(in.v);
+  p.B = int(B);
+  p.Hq = int(Hq);
+  p.Hkv = int(Hkv);
+  p.Sq = int(Sq);
+  p.Sk = int(Sk);
+  p.head_dim = int(d);
+  p.scale = float(softmax_scale);
+  p.causal = causal;
+  // A window wider than any distance (Sq + Sk) is no window: clamped, it stays a small int.
+  p.window = window.has_value() ? int(std::min<int64_t>(*window, Sq + Sk + 1)) : 0;
+  if (in.slopes.defined()) p.slopes = in.slopes.data_ptr<float>();
+  if (in.kpm.defined()) {
+    p.kpm = reinterpret_cast<const uint8_t*>(in.kpm.data_ptr());
+    p.kpm_b = in.kpm.stride(0);
+    p.kpm_n = in.kpm.stride(1);
+  }
+  if (in.seed.defined()) p.seed = in.seed.data_ptr<int64_t>();
+  p.dropout_p = float(dropout_p);
+  return in;
+}
+
+// gptfast::cuda_attention_fwd: out (B, Hq, Sq, d) in q's dtype, lse (B, Hq, Sq) fp32.
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& alibi_slopes,
+                                         const std::optional<Tensor>& key_padding_mask,
+                                         const std::optional<Tensor>& seed, bool causal,
+                                         double softmax_scale, std::optional<int64_t> window,
+                                         double dropout_p) {
+  const char* op = "cuda_attention_fwd";
+  count_call(op);
+  Io io;
+  AttnInputs in = attention_inputs(op, io, q, k, v, alibi_slopes, key_padding_mask, seed, causal,
+                                   softmax_scale, window, dropout_p);
+  LaunchCtx ctx(q);
+  gf::attn::Params& p = in.p;
+  Tensor out = io.out(q.sizes(), q.options(), "out");
+  Tensor lse = io.out({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat), "lse");
+  if (p.Sk == 0) {  // no key at all: every row is dead
+    out.zero_();
+    lse.fill_(-INFINITY);
+  } else {
+    p.out = out.data_ptr();
+    p.so = strides_of(out);
+    p.lse = lse.data_ptr<float>();
+    gf::attn::forward(in.dtype, p, ctx.dev, ctx.stream);
+  }
+  io.done(op);
+  return {out, lse};
+}
+
+// The backward; `accum`, when given, receives the fp32 dQ accumulator of the atomic backward.
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_impl(
+    const char* op, const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q,
+    const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+    const std::optional<Tensor>& alibi_slopes, const std::optional<Tensor>& key_padding_mask,
+    const std::optional<Tensor>& seed, bool causal, double softmax_scale,
+    std::optional<int64_t> window, double dropout_p, bool deterministic, Tensor* accum) {
+  Io io;
+  AttnInputs in = attention_inputs(op, io, q, k, v, alibi_slopes, key_padding_mask, seed, causal,
+                                   softmax_scale, window, dropout_p);
+  LaunchCtx ctx(q);
+  gf::attn::Params& p = in.p;
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2);
+  check_device(op, "dout", dout);
+  TORCH_CHECK(dout.sizes() == q.sizes() && at::isFloatingType(dout.scalar_type()), op,
+              ": dout: expected a float tensor of q's shape ", q.sizes(), ", got ",
+              dout.scalar_type(), " ", dout.sizes());
+  check_device(op, "out", out);
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), op,
+              ": out: expected the forward's output (", q.scalar_type(), ", shape ", q.sizes(),
+              "), got ", out.scalar_type(), " ", out.sizes());
+  check_device(op, "lse", lse);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B &&
+                  lse.size(1) == Hq && lse.size(2) == Sq,
+              op, ": lse: expected fp32 of shape (", B, ", ", Hq, ", ", Sq, "), got ",
+              lse.scalar_type(), " ", lse.sizes());
+  // dout may have any strides (an expanded scalar from out.sum().backward() has all zero): the
+  // kernels read rows with a contiguous last dimension, in q's dtype.
+  Tensor d = dout.scalar_type() == q.scalar_type() ? dout : dout.to(q.scalar_type());
+  if (d.stride(3) != 1) d = d.contiguous();
+  Tensor o = out.stride(3) == 1 ? out : out.contiguous();
+  Tensor dq = io.out(q.sizes(), q.options(), "dq");
+  Tensor dk = io.out(k.sizes(), k.options(), "dk");
+  Tensor dv = io.out(v.sizes(), v.options(), "dv");
+  if (p.Sk == 0 || B * Hq * Sq == 0) {  // no key, or no query: every gradient is zero
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    io.done(op);
+    return {dq, dk, dv};
+  }
+  d = io.in(d, "dout");
+  o = io.in(o, "out");
+  Tensor l = io.in_dense(lse.contiguous(), "lse");
+  Tensor dl;
+  if (dlse.has_value() && dlse->defined()) {
+    check_device(op, "dlse", *dlse);
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && at::isFloatingType(dlse->scalar_type()), op,
+                ": dlse: expected a float tensor of lse's shape ", lse.sizes(), ", got ",
+                dlse->scalar_type(), " ", dlse->sizes());
+    dl = io.in_dense(dlse->to(at::kFloat).contiguous(), "dlse");
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor delta = io.out({B, Hq, Sq}, f32, "delta");
+  Tensor dq_acc = deterministic ? Tensor() : io.out(q.sizes(), f32, "dq accumulator");
+  p.out = o.data_ptr();
+  p.so = strides_of(o);
+  p.lse = l.data_ptr<float>();
+  p.dout = d.data_ptr();
+  p.sdo = strides_of(d);
+  p.dlse = dl.defined() ? dl.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dq_accum = deterministic ? nullptr : dq_acc.data_ptr<float>();
+  gf::attn::backward(in.dtype, p, ctx.dev, ctx.stream);
+  if (!deterministic) dq.copy_(dq_acc);  // fp32 accumulator -> q's dtype
+  io.done(op);
+  if (accum) *accum = dq_acc;
+  return {dq, dk, dv};
+}
+
+// gptfast::cuda_attention_bwd: dq, dk, dv (dk / dv summed over each query-head group).
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& alibi_slopes,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& seed, bool causal,
+    double softmax_scale, std::optional<int64_t> window, double dropout_p, bool deterministic) {
+  const char* op = "cuda_attention_bwd";
+  count_call(op);
+  return attention_bwd_impl(op, dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask,
+                            seed, causal, softmax_scale, window, dropout_p, deterministic, nullptr);
+}
+
+// The atomic backward's fp32 dQ accumulator (before it is rounded to q's dtype), for the tests
+// that show its additions follow the block order.
+Tensor attention_dq_accum(const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q,
+                          const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                          const std::optional<Tensor>& alibi_slopes,
+                          const std::optional<Tensor>& key_padding_mask,
+                          const std::optional<Tensor>& seed, bool causal, double softmax_scale,
+                          std::optional<int64_t> window, double dropout_p) {
+  Tensor accum;
+  attention_bwd_impl("_attention_dq_accum", dout, dlse, q, k, v, out, lse, alibi_slopes,
+                     key_padding_mask, seed, causal, softmax_scale, window, dropout_p, false, &accum);
+  return accum;
+}
+
+// The dropout keep-mask (B, H, Sq, Sk) bool the attention kernels draw for `seed` (tests).
+Tensor attention_dropout_keep_mask(const Tensor& seed, int64_t B, int64_t H, int64_t Sq,
+                                   int64_t Sk, double dropout_p) {
+  const char* op = "attention_dropout_keep_mask";
+  check_device(op, "seed", seed);
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1, op,
+              ": seed: expected one int64 element, got ", seed.scalar_type(), " ", seed.sizes());
+  TORCH_CHECK(B >= 0 && H >= 0 && Sq >= 0 && Sk >= 0 && B <= INT_MAX && H <= INT_MAX &&
+                  Sq <= kMaxSeq && Sk <= kMaxSeq,
+              op, ": sizes out of range (B, H <= 2^31 - 1; Sq, Sk <= 2^29)");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p: expected [0, 1), got ", dropout_p);
+  LaunchCtx ctx(seed);
+  Io io;
+  Tensor s = io.in(seed.reshape({1}).contiguous(), "seed");
+  Tensor mask = io.out({B, H, Sq, Sk}, seed.options().dtype(at::kByte), "mask");
+  gf::attn::Params p;
+  p.B = int(B);
+  p.Hq = int(H);
+  p.Sq = int(Sq);
+  p.Sk = int(Sk);
+  p.seed = s.data_ptr<int64_t>();
+  p.dropout_p = float(dropout_p);
+  gf::attn::dropout_mask(p, mask.data_ptr<uint8_t>(), ctx.dev, ctx.stream);
+  io.done(op);
+  return mask.to(at::kBool);
+}
+
+std::vector<int64_t> attention_head_dims() {
+  int n = 0;
+  const int* dims = gf::attn::head_dims(&n);
+  return std::vector<int64_t>(dims, dims + n);
+}
+
 // ---- primitive test kernels (tests/test_cuda_sim_primitives.py, tests/test_cuda_gpu.py) --------
 
 Tensor test_shuffles(const Tensor& in) {
@@ -643,6 +937,20 @@ Tensor test_exp2(const Tensor& x) {
   return y;
 }
 
+Tensor test_philox(const Tensor& seeds, const Tensor& offsets) {
+  check_device("_test_philox", "seeds", seeds);
+  TORCH_CHECK(seeds.scalar_type() == at::kLong && offsets.scalar_type() == at::kLong &&
+                  seeds.dim() == 1 && seeds.sizes() == offsets.sizes() && seeds.is_contiguous() &&
+                  offsets.is_contiguous() && seeds.numel() < INT_MAX,
+              "_test_philox: seeds and offsets: contiguous int64 vectors of one length");
+  LaunchCtx ctx(seeds);
+  Tensor out = at::full({seeds.numel()}, NAN, seeds.options().dtype(at::kFloat));
+  if (seeds.numel() > 0)
+    gf::tests::run_philox(seeds.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(),
+                          out.data_ptr<float>(), int(seeds.numel()), ctx.dev, ctx.stream);
+  return out;
+}
+
 Tensor test_atomics(const Tensor& vals, int64_t m) {
   check_device("_test_atomics", "vals", vals);
   TORCH_CHECK(vals.scalar_type() == at::kFloat && vals.is_contiguous() && vals.numel() > 0 && m > 0,
@@ -672,12 +980,13 @@ Tensor test_reductions(const Tensor& in) {
 // cannot see (it reports registers, spills and static shared memory).
 py::list kernel_launches() {
   py::list out;
-  auto add = [&](const char* fn, const char* launch, size_t smem, int threads) {
+  auto add = [&](const char* fn, const char* launch, size_t smem, int threads, int head_dim = 0) {
     py::dict d;
     d["function"] = fn;
     d["launch"] = launch;
     d["dynamic_smem"] = smem;
     d["threads"] = threads;
+    if (head_dim) d["head_dim"] = head_dim;
     out.append(d);
   };
   add("row_fwd_kernel", "ce_row_fwd", 3 * 32 * sizeof(float), gf::ce::row_threads(INT64_MAX));
@@ -685,6 +994,15 @@ py::list kernel_launches() {
   add("linear_fwd_kernel", "lce_fwd", gf::ce::linear_forward_smem(), 32 * gf::ce::kLinearTile.warps);
   add("linear_combine_kernel", "lce_combine", 0, 128);
   add("linear_bwd_kernel", "lce_bwd", gf::ce::linear_backward_smem(), 32 * gf::ce::kLinearTile.warps);
+  namespace A = gf::attn;
+  for (int64_t d : attention_head_dims()) {
+    const int hd = int(d);
+    add("attn_fwd_kernel", "attn_fwd", A::forward_shape(hd).smem, A::forward_shape(hd).threads, hd);
+    add("attn_bwd_preprocess_kernel", "attn_bwd_preprocess", 0, A::bwd_preprocess_shape(hd).threads, hd);
+    add("attn_bwd_kv_kernel", "attn_bwd_kv", A::bwd_kv_shape(hd).smem, A::bwd_kv_shape(hd).threads, hd);
+    add("attn_bwd_q_kernel", "attn_bwd_q", A::bwd_q_shape(hd).smem, A::bwd_q_shape(hd).threads, hd);
+  }
+  add("dropout_mask_kernel", "attn_dropout_mask", 0, A::dropout_mask_shape().threads);
   return out;
 }
 
@@ -777,6 +1095,8 @@ TORCH_LIBRARY_IMPL(gptfast, GF_DISPATCH_KEY, m) {
   m.impl("cuda_linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
   m.impl("cuda_linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
   m.impl("cuda_linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
+  m.impl("cuda_attention_fwd", &attention_fwd);
+  m.impl("cuda_attention_bwd", &attention_bwd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -795,6 +1115,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("lse"), py::arg("ignore_index"), py::arg("label_smoothing"),
         py::arg("z_loss"), py::arg("softcap"), py::arg("filter_eps") = py::none());
   m.def("linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
+  m.def("attention_fwd", &attention_fwd);
+  m.def("attention_bwd", &attention_bwd);
+  m.def("attention_dropout_keep_mask", &attention_dropout_keep_mask);
+  m.def("_attention_dq_accum", &attention_dq_accum);
+  m.def("attention_head_dims", &attention_head_dims);
   m.def("_set_linear_scratch_bytes", &set_linear_scratch_bytes);
   m.def("kernel_launches", &kernel_launches);
   m.def("launch_counts", &launch_counts);
@@ -803,6 +1128,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_test_mma", &test_mma);
   m.def("_test_cp_async", &test_cp_async);
   m.def("_test_exp2", &test_exp2);
+  m.def("_test_philox", &test_philox);
   m.def("_test_atomics", &test_atomics);
   m.def("_test_reductions", &test_reductions);
 #ifdef GPTFAST_SIM

@@ -78,13 +78,17 @@ def function_and_dtype(demangled: str):
     """('row_fwd_kernel', 'bf16') from 'void gf::ce::(anonymous namespace)::row_fwd_kernel<__nv_bfloat16>(...)'."""
     m = re.search(r"(\w+)(?:<([^>]*)>)?\(", demangled)
     name, targ = (m.group(1), m.group(2) or "") if m else (demangled, "")
-    dtype = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}.get(targ.strip(), targ)
+    # Template arguments: the dtype, then (attention) the head dim: "bf16, d=128".
+    names = {"__nv_bfloat16": "bf16", "__half": "fp16", "float": "fp32"}
+    parts = [p.strip() for p in targ.split(",")] if targ.strip() else []
+    dtype = ", ".join([names.get(parts[0], parts[0])] + [f"d={p}" for p in parts[1:]]) if parts else ""
     return name, dtype
 
 
 def launches() -> Dict[str, dict]:
     from gptfast import cuda_sim  # built from the same sources, and kept current by ninja
-    return {d["function"]: dict(d) for d in cuda_sim.load().kernel_launches()}
+    # keyed by (function, head dim): attention kernels launch differently per head dim
+    return {(d["function"], d.get("head_dim")): dict(d) for d in cuda_sim.load().kernel_launches()}
 
 
 def collect(archs: List[str]) -> dict:
@@ -106,7 +110,8 @@ def collect(archs: List[str]) -> dict:
     meta = launches()
     for r in rows:
         r["function"], r["dtype"] = function_and_dtype(names[r.pop("mangled")])
-        m = meta.get(r["function"], {})
+        head_dim = re.search(r"d=(\d+)", r["dtype"])
+        m = meta.get((r["function"], int(head_dim.group(1)) if head_dim else None), {})
         r["launch"] = m.get("launch", "(test kernel)")
         r["threads"] = m.get("threads")
         r["dynamic_smem"] = m.get("dynamic_smem")

@@ -60,7 +60,7 @@ STAGES = [("env", 20, 10), ("install", 40, 15), ("build", 120, 60), ("pytest", 7
           ("bench-cross_entropy", 50, 20), ("bench-train", 55, 25), ("bench-generate", 20, 10)]
 # Rows a GPU run must have, per benchmark: (peer, required only when its wheel was brought).
 REQUIRED = {
-    "attention": [("sdpa-flash", None), ("sdpa-cudnn", None)],
+    "attention": [("sdpa-flash", None), ("sdpa-cudnn", None), ("gptfast-cuda", None)],
     "cross_entropy": [("torch.compile", None), ("gptfast-cuda-lean", None),
                       ("gptfast-cuda-logits", None), ("liger-fused-linear-ce", "liger_kernel"),
                       ("cut-cross-entropy", "cut_cross_entropy")],

@@ -30,6 +30,23 @@ def visibility(B: int, Hq: int, Sq: int, Sk: int, *, causal: bool, window: Optio
     return vis
 
 
+def padding_mask(B: int, Sk: int, kind: str, device) -> Tensor:
+    """(B, Sk) bool, True = real key. kinds: right padding, left padding, one batch row empty."""
+    m = torch.ones(B, Sk, dtype=torch.bool, device=device)
+    lengths = [Sk - 1 - (b * 37) % max(Sk - 1, 1) for b in range(B)]
+    for b, n in enumerate(lengths):
+        if kind == "right":
+            m[b, n:] = False
+        elif kind == "left":
+            m[b, : Sk - n] = False
+        elif kind == "empty":
+            if b == 0:
+                m[b] = False
+            else:
+                m[b, n:] = False
+    return m
+
+
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: float,
                   alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
                   key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,

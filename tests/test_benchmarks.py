@@ -65,7 +65,7 @@ def test_script_writes_json_table_and_plot(bench_dir, name):
 def test_cpu_runs_record_gpu_peers_as_missing(bench_dir):
     att = json.loads((bench_dir / "attention.json").read_text())
     missing = {m["peer"] for m in att["missing_peers"]}
-    assert {"sdpa-cudnn", "sdpa-efficient", "flex-compiled"} <= missing
+    assert {"sdpa-cudnn", "sdpa-efficient", "flex-compiled", "gptfast-cuda"} <= missing
     ce = json.loads((bench_dir / "cross_entropy.json").read_text())
     assert {"liger-fused-linear-ce", "cut-cross-entropy"} <= {m["peer"] for m in ce["missing_peers"]}
     peers = {r["peer"] for r in ce["rows"]}
@@ -114,6 +114,13 @@ def test_attention_goals():
     assert g["measured_ratio"] == pytest.approx(1.0) and g["met"] is True
     g = goals["attn fwd vs SDPA cuDNN, d=128"]
     assert g["stretch"] and g["met"] is False and g["measured_ratio"] == pytest.approx(220 / 330)
+    # the CUDA C++ kernels against FA2 at S >= 2k only; unjudged without their rows
+    assert goals["attn CUDA C++ fwd vs SDPA flash, S>=2k, d=128"]["met"] is None
+    cuda = rows + [_att("gptfast-cuda", 128, 1024, 10, 10), _att("gptfast-cuda", 128, 4096, 310, 240)]
+    g = {g["name"]: g for g in bench_attention.attention_goals(cuda)}
+    assert g["attn CUDA C++ fwd vs SDPA flash, S>=2k, d=128"]["met"] is True
+    g = g["attn CUDA C++ bwd vs SDPA flash, S>=2k, d=128"]
+    assert g["measured_ratio"] == pytest.approx(240 / 250) and g["met"] is False
     # a missing peer leaves the goal unjudged, never met
     no_flash = [r for r in rows if r["peer"] != "sdpa-flash"]
     g = {g["name"]: g for g in bench_attention.attention_goals(no_flash)}

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 from gptfast.kernels import attention as A  # noqa: E402
 
-from _attention_ref import attention_ref  # noqa: E402
+from _attention_ref import attention_ref, padding_mask as _padding_mask  # noqa: E402
 from _tolerance import assert_rule as _assert_rule  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
@@ -41,23 +41,6 @@ def _poison_outputs(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def _padding_mask(B, Sk, kind, device):
-    """(B, Sk) bool, True = real key. kinds: right padding, left padding, one batch row empty."""
-    m = torch.ones(B, Sk, dtype=torch.bool, device=device)
-    lengths = [Sk - 1 - (b * 37) % max(Sk - 1, 1) for b in range(B)]
-    for b, n in enumerate(lengths):
-        if kind == "right":
-            m[b, n:] = False
-        elif kind == "left":
-            m[b, : Sk - n] = False
-        elif kind == "empty":
-            if b == 0:
-                m[b] = False
-            else:
-                m[b, n:] = False
-    return m
 
 
 def run_case(*, B=1, Hq=2, Hkv=None, Sq=64, Sk=64, d=32, dtype=torch.float32, causal=False,

@@ -48,9 +48,10 @@ def test_attention_bad_options(kw, words):
 
 
 def test_unavailable_backend_says_why_and_lists_the_able():
-    # (no CUDA attention kernel yet; on CPU tensors without GPTFAST_CUDA_SIM: needs CUDA tensors)
+    # fp32 inputs: the CUDA attention kernels decline fp32 (mma.sync); on CPU tensors without
+    # GPTFAST_CUDA_SIM the reason is that they need CUDA tensors
     with pytest.raises(BackendError,
-                       match=r"backend='cuda'.*(CUDA tensors|no cuda kernel).*can: .*torch"):
+                       match=r"backend='cuda'.*(CUDA tensors|no fp32 form).*can: .*torch"):
         gptfast.attention(*qkv(), backend="cuda")
     with pytest.raises(BackendError, match="cuda"):
         gptfast.linear_cross_entropy(torch.randn(4, 8), torch.randn(9, 8),

@@ -135,6 +135,8 @@ GF_DEVICE float atomic_add(float* p, float v) { return atomicAdd(p, v); }
 
 // ---- math ----------------------------------------------------------------------------------------
 
+GF_DEVICE uint32_t umulhi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+
 GF_DEVICE float exp2_approx(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));

@@ -16,6 +16,8 @@
 //   gf::load_global<V>/store_global<V>                  aligned vector accesses
 //   gf::atomic_add(float*)                              global fp32 atomic
 //   gf::exp2_approx                                     ex2.approx.ftz.f32
+//   gf::umulhi                                          mul.hi.u32
+//   gf::philox_uniform (random.h)                       Triton's tl.rand stream
 //   gf::to_float/from_float/pack2/unpack2               16-bit conversions (types.h)
 //   gf::launch(kernel, LaunchConfig, DeviceInfo, args...) (host code)
 #pragma once
@@ -47,3 +49,4 @@
 #endif
 
 #include "common/helpers.h"
+#include "common/random.h"

@@ -346,6 +346,9 @@ GF_DEVICE float atomic_add(float* p, float v, Site site = Site::current()) {
 
 // ---- math ----------------------------------------------------------------------------------------
 
+// mul.hi.u32 (PTX ISA 9.7.1.6): the high 32 bits of the 64-bit product.
+GF_DEVICE uint32_t umulhi(uint32_t a, uint32_t b) { return uint32_t((uint64_t(a) * b) >> 32); }
+
 // ex2.approx.ftz.f32 (PTX ISA 9.7.3.22): 2^x, subnormal inputs and results flushed to zero. The
 // hardware's result is within 2 ulp of the exact value; std::exp2 is within 1 ulp.
 GF_DEVICE float exp2_approx(float x) {

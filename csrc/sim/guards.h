@@ -15,14 +15,18 @@ namespace gf::sim {
 
 class Guards {
  public:
-  // A guarded copy of `t` (same sizes; a matrix's row pitch grows by 16 elements).
-  at::Tensor input(const at::Tensor& t, const std::string& name) { return place(t, name, true); }
+  // A guarded copy of `t` (same sizes; the row pitch of a matrix, or of a contiguous tensor of 3
+  // or more dimensions, grows by 16 elements). keep_layout: the same strides as `t` (for arrays a
+  // kernel indexes as contiguous).
+  at::Tensor input(const at::Tensor& t, const std::string& name, bool keep_layout = false) {
+    return place(t, name, true, keep_layout);
+  }
 
   // A NaN-filled contiguous tensor inside guard bands (no gaps: kernels may assume the layout).
   // It is returned as a tensor of its own storage (offset 0, as a fresh allocation would be),
   // which keeps the banded buffer alive.
   at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, const std::string& name) {
-    at::Tensor view = place(at::empty(sizes, opts), name, false);
+    at::Tensor view = place(at::empty(sizes, opts), name, false, true);
     at::Tensor buf = bands_.back().buf;
     return at::from_blob(view.data_ptr(), view.sizes(), view.strides(),
                          [buf](void*) mutable { buf.reset(); }, view.options());
@@ -49,7 +53,7 @@ class Guards {
   static constexpr int64_t kGuard = 64;  // elements each side
   static constexpr int64_t kRowPad = 16; // elements after each matrix row
 
-  at::Tensor place(const at::Tensor& t, const std::string& name, bool copy) {
+  at::Tensor place(const at::Tensor& t, const std::string& name, bool copy, bool keep_layout) {
     // Dimensions of stride 0 (a broadcast upstream gradient) stay broadcast: one element.
     std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
     std::vector<int64_t> eff(t.sizes().begin(), t.sizes().end());
@@ -60,8 +64,16 @@ class Guards {
         src = src.narrow(d, 0, 1);
       }
     // Inputs' rows get NaN gaps (their strides reach the kernels); outputs keep their layout.
-    if (copy && t.dim() == 2 && t.size(0) > 1 && t.stride(1) == 1 && t.stride(0) >= t.size(1))
+    if (!keep_layout && t.dim() == 2 && t.size(0) > 1 && t.stride(1) == 1 && t.stride(0) >= t.size(1))
       strides[0] = t.stride(0) + kRowPad;
+    // A contiguous (B, H, S, d)-like input: rows padded the same way, outer strides following
+    // (a layout the kernels must take as given). Non-contiguous views keep their own strides.
+    if (!keep_layout && t.dim() >= 3 && t.size(-2) > 1 && t.is_contiguous()) {
+      const int64_t n = t.dim();
+      strides[n - 1] = 1;
+      strides[n - 2] = t.size(n - 1) + kRowPad;
+      for (int64_t d = n - 3; d >= 0; --d) strides[d] = strides[d + 1] * t.size(d + 1);
+    }
     const int64_t numel = t.numel();
     int64_t extent = numel > 0 ? 1 : 0;
     for (int64_t d = 0; d < t.dim(); ++d)

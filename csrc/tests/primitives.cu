@@ -80,6 +80,11 @@ __global__ void exp2_kernel(const float* x, float* y, int n) {
   if (i < n) y[i] = exp2_approx(x[i]);
 }
 
+__global__ void philox_kernel(const int64_t* seeds, const int64_t* offsets, float* out, int n) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) out[i] = philox_uniform(uint64_t(seeds[i]), uint64_t(offsets[i]));
+}
+
 __global__ void atomics_kernel(const float* vals, float* acc, int n, int m) {
   const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
   if (i < n) atomic_add(acc + i % m, vals[i]);
@@ -135,6 +140,12 @@ void run_cp_async(const unsigned char* src, unsigned char* out, int bytes, int s
 
 void run_exp2(const float* x, float* y, int n, const DeviceInfo& dev, Stream s) {
   launch(exp2_kernel, cfg("test_exp2", unsigned((n + 127) / 128), 128, 0, s), dev, x, y, n);
+}
+
+void run_philox(const int64_t* seeds, const int64_t* offsets, float* out, int n,
+                const DeviceInfo& dev, Stream s) {
+  launch(philox_kernel, cfg("test_philox", unsigned((n + 127) / 128), 128, 0, s), dev, seeds,
+         offsets, out, n);
 }
 
 void run_atomics(const float* vals, float* acc, int n, int m, const DeviceInfo& dev, Stream s) {

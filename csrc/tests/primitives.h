@@ -32,6 +32,10 @@ void run_cp_async(const unsigned char* src, unsigned char* out, int bytes, int s
 // y = exp2_approx(x), n elements.
 void run_exp2(const float* x, float* y, int n, const DeviceInfo& dev, Stream stream);
 
+// out[i] = philox_uniform(seeds[i], offsets[i]) (common/random.h: Triton's tl.rand), n elements.
+void run_philox(const int64_t* seeds, const int64_t* offsets, float* out, int n, const DeviceInfo& dev,
+                Stream stream);
+
 // acc[i % m] += vals[i] with fp32 atomics from `blocks` blocks of 64 threads (n = blocks * 64).
 void run_atomics(const float* vals, float* acc, int n, int m, const DeviceInfo& dev, Stream stream);
 

@@ -65,6 +65,41 @@ def _triton_support(f: Facts) -> Optional[str]:
 
 backends.register_support(OP, "triton", _triton_support)
 
+# Head dims of the CUDA C++ kernels (csrc/attention/configs.h: HeadDims; a test keeps the two
+# lists equal). Forward and backward alike.
+CUDA_HEAD_DIMS = (64, 96, 128)
+
+
+def _cuda_support(f: Facts) -> Optional[str]:
+    """The CUDA C++ kernels (csrc/attention/): FlashAttention-2 on mma.sync tiles."""
+    if f.dtype == torch.float32:
+        return ("float32 is not supported: these kernels are built on mma.sync, which has no "
+                "fp32 form, and gptfast does not silently use TF32 (use fp16/bf16, or "
+                "backend='triton' / 'torch')")
+    if f.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {f.dtype} is not supported (fp16, bf16)"
+    if f.head_dim not in CUDA_HEAD_DIMS:
+        return f"head dim {f.head_dim} is not supported (supported: {CUDA_HEAD_DIMS})"
+    return None
+
+
+# Whether "auto" may pick the CUDA kernels where they can run the inputs. Off until a GPU run of
+# benchmarks/bench_attention.py (rows gptfast-cuda against gptfast-triton, `make gpu-check`)
+# shows them faster: they have only run on the CPU execution layer so far. backend="cuda" runs
+# them whatever this says.
+CUDA_AUTO = False
+
+
+def _cuda_auto_policy(f: Facts) -> Optional[str]:
+    if CUDA_AUTO:
+        return None
+    return ("'auto' prefers the Triton kernels until the CUDA ones are measured faster on a GPU "
+            "(gptfast.ops.attention.CUDA_AUTO)")
+
+
+backends.register_support(OP, "cuda", _cuda_support)
+backends.register_auto_policy(OP, "cuda", _cuda_auto_policy)
+
 
 # ---- autograd around the ops --------------------------------------------------------------------
 

@@ -12,8 +12,11 @@ Backends, in the order `"auto"` tries them:
 
 Each op module registers, per kernel backend, a function that looks at the op's input facts (a
 small hashable tuple: dtype, head dim, ...) and returns None when that backend can run them, or a
-sentence saying why not. `choose()` turns those into a `Decision`, cached per distinct facts,
-which `gptfast.explain(...)` prints and the debug log records.
+sentence saying why not. It may also register an "auto" policy: a function of the same facts that
+returns a sentence when `"auto"` should pass a backend over although it can run the inputs (a
+kernel not yet measured faster than the next one), and None otherwise; asking for the backend by
+name still runs it. `choose()` turns those into a `Decision`, cached per distinct facts, which
+`gptfast.explain(...)` prints and the debug log records.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ KERNEL_BACKENDS = ("cuda", "triton")
 
 SupportFn = Callable[[tuple], Optional[str]]
 _SUPPORT: Dict[str, Dict[str, SupportFn]] = {}
+_AUTO_POLICY: Dict[str, Dict[str, SupportFn]] = {}
 _PLANNERS: Dict[str, Callable[..., "Decision"]] = {}
 
 
@@ -52,12 +56,16 @@ class Decision:
     error: Optional[str] = None  # set when the requested backend cannot run the inputs
     # What the "torch" backend runs for these inputs (its fast path or the plain reference).
     torch_path: Optional[str] = None
+    # backend -> why "auto" passes it over although it can run these inputs.
+    auto_skipped: Dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"{self.op}: backend={self.requested!r} -> runs on {self.backend!r}"]
         for name in BACKENDS:
             why = self.reasons.get(name)
             line = "can run these inputs" if why is None else f"no: {why}"
+            if why is None and name in self.auto_skipped:
+                line += f" (by name only: {self.auto_skipped[name]})"
             if name == "torch" and self.torch_path:
                 line += f" ({self.torch_path})"
             lines.append(f"  {name:7s} {line}")
@@ -66,6 +74,12 @@ class Decision:
 
 def register_support(op: str, backend: str, fn: SupportFn) -> None:
     _SUPPORT.setdefault(op, {})[backend] = fn
+
+
+def register_auto_policy(op: str, backend: str, fn: SupportFn) -> None:
+    """fn(facts) -> a sentence when "auto" should not pick `backend` for these inputs although
+    it can run them (e.g. it is not yet measured faster than the next backend), else None."""
+    _AUTO_POLICY.setdefault(op, {})[backend] = fn
 
 
 def register_planner(op: str, fn: Callable[..., Decision]) -> None:
@@ -235,12 +249,19 @@ def _decide(op: str, requested: str, device: torch.device, facts) -> Decision:
         reasons[name] = why
 
     error = None
+    auto_skipped: Dict[str, str] = {}
+    for name, policy in _AUTO_POLICY.get(op, {}).items():
+        if reasons.get(name) is None:
+            why = policy(facts)
+            if why is not None:
+                auto_skipped[name] = why
     if requested == "auto":
         # The Triton interpreter is a test harness (thousands of times slower than the
         # reference), so "auto" never picks it; backend="triton" asks for it explicitly.
         # Likewise the CUDA kernels' CPU execution layer.
         auto_ok = {b: why for b, why in reasons.items()
-                   if why is None and not (b in KERNEL_BACKENDS and device.type == "cpu")}
+                   if why is None and b not in auto_skipped
+                   and not (b in KERNEL_BACKENDS and device.type == "cpu")}
         backend = next(b for b in BACKENDS if b in auto_ok)
     elif reasons[requested] is None:
         backend = requested
@@ -256,7 +277,7 @@ def _decide(op: str, requested: str, device: torch.device, facts) -> Decision:
         backend = requested
         error = (f"{op}: backend={requested!r} cannot run these inputs: "
                  f"{reasons[requested]}. Backends that can: {', '.join(able)}")
-    return Decision(op, requested, backend, reasons, error)
+    return Decision(op, requested, backend, reasons, error, auto_skipped=auto_skipped)
 
 
 def explain(op, *args, **kwargs) -> Decision:
