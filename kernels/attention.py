@@ -937,6 +937,34 @@ def candidates(kind: str, head_dim: int, dtype: torch.dtype, capability: Tuple[i
     return [c for c in _CANDIDATES if keep(c, kind, head_dim, elt, capability, features)]
 
 
+def tuning_candidates(kind: str, head_dim: int, dtype: torch.dtype,
+                      capability: Tuple[int, int], features: Tuple[str, ...],
+                      committed: configs.KernelConfig, limit: int = 8) -> List[Config]:
+    """What benchmarks/tune_attention.py times for one key, at most `limit`: the committed
+    config first (the baseline), the same tiles through TMA, the best warp-specialized
+    candidate, then the other kept candidates, larger tiles first (fewer per-score overheads
+    on Hopper), 2-3 stages before 1 or 4."""
+    first = Config(**{f: int(committed.kwargs().get(f, 0)) for f in Config._fields})
+    kept = candidates(kind, head_dim, dtype, capability, features)
+
+    def prior(c: Config):
+        return (-(c.BLOCK_M * c.BLOCK_N), -c.num_warps, abs(c.num_stages - 2.5), c.USE_TMA,
+                c.WARP_SPECIALIZE)
+    ranked = sorted(kept, key=prior)
+    picks = [first]
+    tma = first._replace(USE_TMA=1, WARP_SPECIALIZE=0)
+    if keep(tma, kind, head_dim, torch.empty((), dtype=dtype).element_size(), capability,
+            features):
+        picks.append(tma)
+    picks += [c for c in ranked if c.WARP_SPECIALIZE][:1]
+    picks += [c for c in ranked if not c.WARP_SPECIALIZE]
+    out: List[Config] = []
+    for c in picks:
+        if c not in out:
+            out.append(c)
+    return out[:limit]
+
+
 def _smem_limit(capability: Tuple[int, int]) -> int:
     return configs.shared_memory_limit(configs.arch_name(capability))
 
@@ -983,10 +1011,21 @@ def keep(config, kind: str, head_dim: int, elt_bytes: int,
             return False  # the atomic dQ product (max(BLOCK_M, BLOCK_D) rows) would be mma.sync
     else:
         raise ValueError(kind)
-    if hopper and elt_bytes == 2 and chained_rows < 16 * warps:
+    # d=256 backward: dK and dV alone (2 * BLOCK_N * 256 fp32) need 8 warps at BLOCK_N=64,
+    # and 4 warps at BLOCK_N=32 run mma.sync: there the duplicated products of 64 rows over
+    # two warpgroups are the cheaper evil (every d=256 backward config spills on sm_90a, see
+    # the static table; 32x64 with 8 warps the least).
+    need_rows = 64 if kind == "bwd" and d > 128 else 16 * warps
+    if hopper and elt_bytes == 2 and chained_rows < need_rows:
         return False
+    if kind == "bwd" and "deterministic" not in features:
+        transient += max(bm, d) * min(bm, d)  # the atomic dQ tile
+    # Budgets calibrated on the static table (sm_90a, Triton 3.6/3.8): the backward keeps
+    # more live values per score than these counts show (P^T and dS^T in 16 bits, the
+    # transposed dS in shared memory), so it gets less headroom.
+    limit = 192 if kind == "fwd" else 176
     return (smem <= _smem_limit(capability) and persistent / threads <= 128
-            and (persistent + transient) / threads <= 192)
+            and (persistent + transient) / threads <= limit)
 
 
 def _block_d(head_dim: int) -> int:

@@ -47,7 +47,7 @@ def test_quick_gate(tmp_path):
 
     # The runtime's typing, which a hand-written signature misses: dO's last stride is 1 (a
     # constant), pointers and multiples of 16 carry divisibility hints.
-    kv = row("_attn_bwd_dkdv", HEAD_DIM=128, IS_CAUSAL=True)
+    kv = row("_attn_bwd", HEAD_DIM=128, IS_CAUSAL=True)
     assert "stride_dok" in kv["specialization"]["constant_1"]
     assert {"Q", "K", "Sq", "Sk", "stride_qm"} <= set(kv["specialization"]["divisible_by_16"])
     # ... and what it buys: the d=128 forward pipelines K/V with cp.async into 128 KiB of shared
@@ -123,8 +123,18 @@ def test_gate_rules():
     no_wgmma = {"tensor_core": {"HMMA": 8}, "tensor_core_kind": "mma.sync"}
     assert T.judge([_row(sass=no_wgmma)], [], strict=False)
     assert T.judge([_row(sass=no_wgmma, dtype="fp32")], [], strict=False) == []
-    known = _row(sass=no_wgmma, kernel="_attn_bwd_dq", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
-    assert T.judge([known], [], strict=False) == []
+    # No kernel is exempt any more (the d=256 dQ pass used to be): a listed exception passes.
+    d256 = _row(sass=no_wgmma, kernel="_attn_bwd", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
+    assert T.KNOWN_NO_WGMMA == {} and T.judge([d256], [], strict=False)
+    T.KNOWN_NO_WGMMA[("_attn_bwd", 256)] = "a test's exception"
+    try:
+        assert T.judge([d256], [], strict=False) == []
+    finally:
+        T.KNOWN_NO_WGMMA.clear()
+    # d=256 backward spills in every config tried: listed, so not a gate failure (--strict is)
+    bwd256 = _row(spill=[400, 552], kernel="_attn_bwd", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
+    assert T.judge([bwd256], [], strict=False) == [] and T.judge([bwd256], [], strict=True)
+    assert T.judge([dict(bwd256, constexprs={"HEAD_DIM": 128, "BLOCK_D": 128})], [], strict=False)
     assert T.judge([_row(registers=None)], [], strict=False)  # no ptxas log: unknown, fails
     assert T._tile({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 128, "IS_CAUSAL": True}) == 8192
     assert T._site_label("attention.py:260 acc = f(  # interior: no mask math") == \
