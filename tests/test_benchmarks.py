@@ -168,7 +168,7 @@ def test_gpu_check_dry_run(bench_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out),
-         "--only", "env,install,train,bench-generate", "--bench-results", str(bench_dir)],
+         "--only", "env,install,train,tune,bench-generate", "--bench-results", str(bench_dir)],
         capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
@@ -176,6 +176,8 @@ def test_gpu_check_dry_run(bench_dir, tmp_path):
     assert res["dry_run"] and res["kernel_hash"] and res["git"]["commit"]
     assert res["stages"]["train"]["status"] == "ok" and res["train"]["explain"]
     assert res["stages"]["pytest"]["status"] == "skipped"
+    assert res["stages"]["tune"]["status"] == "ok", res["stages"]["tune"]
+    assert res["tune"]["dry_run"] and res["tune"]["keys"][0]["best"]["BLOCK_M"] >= 16
     assert set(res["benchmarks"]) == set(BENCH_MODULES)       # 3 loaded, generate run now
     assert any(g["benchmark"] == "cross_entropy" for g in res["goals"])
     assert res["missing_required"] == []                        # not required on the CPU
