@@ -62,23 +62,26 @@ def test_quick_gate(tmp_path):
         assert r["registers"] and r["spill"] == [0, 0], r["kernel"]
 
 
-# Spills a committed table may still show, pinned so that a new one fails here. Triton 3.8: none.
-# Triton 3.6 (the GPU machines'): the table committed with this list found them, 4-164 B, all
-# with optional features on (dropout, ALiBi), none in a default configuration. The three sm_90a
-# bf16 forward ones have entries since (verified for those keys under 3.6 and 3.8; the table
-# shows it once regenerated); the others are open.
-KNOWN_SPILLS = {"3.6.0": {
-    ("sm_90a", "_attn_fwd", "bf16", 64, "alibi+causal"),
-    ("sm_90a", "_attn_fwd", "bf16", 64, "causal+dropout"),
-    ("sm_90a", "_attn_fwd", "bf16", 128, "causal+dropout"),
-    ("sm_90a", "_attn_fwd", "fp32", 64, "alibi+causal+dropout+kpm+window"),
-    ("sm_90a", "_attn_bwd_dkdv", "fp32", 128, "alibi+causal+dropout+kpm+window"),
-    ("sm_90a", "_attn_bwd_dq", "bf16", 256, "alibi+causal+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "bf16", 96, "alibi+causal+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "bf16", 128, "alibi+causal+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "fp32", 64, "alibi+causal+deterministic+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "fp32", 128, "alibi+causal+dropout+kpm+window"),
-}}
+# Spills a committed table may still show, pinned so that a new one fails here: (arch, kernel,
+# dtype, head dim, features, "+tma" for the TMA variants). Measured on sm_90a with
+# `static_table.py --only` for the kernels of issue 11 (both Tritons alike): the GQA backward at
+# d=128 (the group loop; 280-300 B in every config tried), the TMA form of the d=128 atomic
+# backward (a variant, not committed), the d=256 backward (every config spills). The full
+# tables (sm_80, every feature) are regenerated after the merge: extend this list with what
+# they show, or fix it.
+_SM90_SPILLS = {
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+gqa"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+deterministic+gqa"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+tma"),
+    ("sm_90a", "_attn_bwd", "bf16", 256, "causal"),
+    ("sm_90a", "_attn_bwd", "bf16", 256, "causal+deterministic"),
+}
+KNOWN_SPILLS = {"3.8.0": _SM90_SPILLS, "3.6.0": _SM90_SPILLS}
+
+
+def _spill_key(r):
+    return (r["arch"], r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM"),
+            "+".join(r["features"]) + ("+tma" if r["constexprs"].get("USE_TMA") else ""))
 
 
 @pytest.mark.parametrize("version", ["3.8.0", "3.6.0"])
@@ -94,8 +97,7 @@ def test_committed_tables(version):
     for arch in ("sm_90a", "sm_80"):
         compiled = {r["kernel"] for r in rows if r["arch"] == arch}
         assert set(_launched("attention") + _launched("cross_entropy")) <= compiled, arch
-    spilling = {(r["arch"], r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM"),
-                 "+".join(r["features"])) for r in rows if r["spill"] is None or any(r["spill"])}
+    spilling = {_spill_key(r) for r in rows if r["spill"] is None or any(r["spill"])}
     assert spilling <= KNOWN_SPILLS.get(version, set()), spilling - KNOWN_SPILLS.get(version, set())
     assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
 
