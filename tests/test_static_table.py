@@ -68,7 +68,7 @@ def test_quick_gate(tmp_path):
 # dtype, head dim, features, "+tma" for the TMA variants). Measured on sm_90a with
 # `static_table.py --only` for the kernels of issue 11 (both Tritons alike): the GQA backward at
 # d=128 (the group loop; 280-300 B in every config tried), the TMA form of the d=128 atomic
-# backward (a variant, not committed), the d=256 backward (every config spills). The full
+# backward (a variant, not committed), the d=256 backward (every config spills), dropout. The full
 # tables (sm_80, every feature) are regenerated after the merge: extend this list with what
 # they show, or fix it.
 _SM90_SPILLS = {
@@ -77,6 +77,11 @@ _SM90_SPILLS = {
     ("sm_90a", "_attn_bwd", "bf16", 128, "causal+tma"),
     ("sm_90a", "_attn_bwd", "bf16", 256, "causal"),
     ("sm_90a", "_attn_bwd", "bf16", 256, "causal+deterministic"),
+    # dropout (its own entries: 20-170 B left of 0.2-1.3 KB)
+    ("sm_90a", "_attn_fwd", "bf16", 128, "causal+dropout"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "causal+dropout"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "causal+deterministic+dropout"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+dropout"),
 }
 KNOWN_SPILLS = {"3.8.0": _SM90_SPILLS, "3.6.0": _SM90_SPILLS}
 
