@@ -82,6 +82,14 @@ _SM90_SPILLS = {
     ("sm_90a", "_attn_bwd", "bf16", 64, "causal+dropout"),
     ("sm_90a", "_attn_bwd", "bf16", 64, "causal+deterministic+dropout"),
     ("sm_90a", "_attn_bwd", "bf16", 128, "causal+dropout"),
+    # every feature at once: 8-270 B (the forward spilled 6-7 KB on the default tiles)
+    ("sm_90a", "_attn_fwd", "bf16", 128, "alibi+causal+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "alibi+causal+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "alibi+causal+deterministic+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "alibi+causal+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "alibi+causal+deterministic+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "fp32", 64, "alibi+causal+deterministic+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "fp32", 128, "alibi+causal+dropout+kpm+softcap+window"),
 }
 KNOWN_SPILLS = {"3.8.0": _SM90_SPILLS, "3.6.0": _SM90_SPILLS}
 
