@@ -1,52 +1,67 @@
-"""FlashAttention-2 style attention in Triton: forward, backward, and the dropout keep-mask.
+"""FlashAttention-2 style attention in Triton, shaped for Hopper: forward, a one-launch
+backward, and the dropout keep-mask.
 
 Only kernels and thin launchers live here (no autograd: `gptfast.ops` owns that).
 
 Layout and masks
 ----------------
 q is (B, Hq, Sq, d); k, v are (B, Hkv, Sk, d) with Hq % Hkv == 0 (query head h reads kv head
-h // (Hq // Hkv)). Only the last dim must be contiguous: every other stride is passed to the
+h // (Hq // Hkv)); d is any multiple of 8 up to 256 (padded inside the tiles to the next power
+of two, >= 16). Only the last dim must be contiguous: every other stride is passed to the
 kernels, so q/k/v may be transposed slices of one fused QKV buffer. Masks are aligned
 bottom-right, offset = Sk - Sq (the last query sees the last key, what a KV cache needs):
 
+    softcap c:         x_ij = c * tanh(scale * q_i.k_j / c)    (else x_ij = scale * q_i.k_j)
+    alibi:             score_ij = x_ij - slope_h * |i + offset - j|
     causal:            key j visible to query i  iff  j <= i + offset
     window W (causal):                          and  j >  i + offset - W
     key_padding_mask:                           and  key_padding_mask[b, j]
-    alibi:             score_ij = scale * q_i.k_j - slope_h * |i + offset - j|
 
 A row that sees no key has lse = -inf, an output of exactly 0 and zero gradients.
 
 Forward (one program per (BLOCK_M query tile, batch*head))
 ----------------------------------------------------------
-The query tile stays in registers while K/V tiles stream past it. Online softmax in fp32:
-running max m, running sum l, accumulator acc, rescaled by exp2(m_old - m_new) whenever the
-max grows. Scores are kept in base-2 units (log2(e) folded into the scale, alibi slope
-too) so the exponentials are exp2. The key range of a query tile is split in three:
+The query tile stays resident while K/V tiles stream past it. Online softmax in fp32: running
+max m, running sum l, accumulator acc, rescaled by exp2(m_old - m_new) whenever the max grows.
+Scores are in base-2 units (log2(e) folded into the scale, alibi slope and softcap) so the
+exponentials are exp2. Without softcap or ALiBi the row max is taken on the raw products
+q.k and the scale is folded into the exponent: p = exp2(qk * scale2 - m), one FMA per score
+(the scale is applied once per row, to the max; the launcher routes scale <= 0 to the plain
+path). The key range of a query tile is split in three:
   [t_lo, full_lo)    masked tiles on the window's lower edge,
   [full_lo, full_hi) tiles every query of the tile fully sees: no mask math at all,
   [full_hi, t_hi)    masked tiles on the causal diagonal and the Sk edge;
 tiles outside [t_lo, t_hi) (above the diagonal, below the window) are never loaded.
 Padding masks are per key and therefore applied on every tile.
 
-Backward
---------
+Backward: the preprocess, then one launch
+-----------------------------------------
 1. preprocess: delta_i = rowsum(dO_i * O_i) - dlse_i (dlse: gradient flowing into lse, since
-   d lse_i / d s_ij = p_ij).
-2. dK/dV: one program per (BLOCK_N key tile, batch*kv_head); K, V, dK, dV stay in registers
-   while the program walks the query tiles that can see its keys, for each query head of the
-   GQA group (so dK/dV come out already summed over the group: K/V are never repeated).
-   P is recomputed from the saved lse. Default: dQ is accumulated in the same loop with fp32
-   atomics (fastest; the order of the atomic adds is not fixed, so dQ is not bitwise
-   reproducible).
-3. deterministic=True: the dK/dV kernel skips dQ and a separate dQ kernel (one program per
-   query tile, walking the key tiles like the forward) writes dQ with plain stores. Neither
-   kernel uses atomics, so the result is bitwise reproducible.
+   d lse_i / d s_ij = p_ij); it also zeroes the fp32 dQ accumulator of the atomic mode.
+2. `_attn_bwd`, programs [0, key tiles * B*Hkv): one per (BLOCK_N key tile, batch*kv_head);
+   K, V, dK, dV stay resident while the program walks the BLOCK_M query tiles that can see its
+   keys, for each query head of the GQA group (dK/dV come out summed over the group: K/V are
+   never repeated). It computes S^T = K Q^T and dP^T = V dO^T, so the chained products have the
+   BLOCK_N rows of the key tile: with 8 warps on Hopper the two warpgroups take 64 rows each
+   and no product is computed twice (BLOCK_N >= 16 * num_warps, `keep`). P is recomputed from
+   the saved lse. Default: dQ = dS K (BLOCK_M rows, on wgmma for BLOCK_M >= 64) is added to an
+   fp32 buffer with relaxed atomics (plain reductions: no memory barrier; the order of the
+   adds is not fixed, so dQ is not bitwise reproducible), then cast.
+3. deterministic=True: the same launch has a second set of programs after the first, one per
+   (query tile, batch*head), with the tile roles swapped (BLOCK_N queries owned, BLOCK_M keys
+   streamed, so their chained products have BLOCK_N rows too), writing dQ with plain stores.
+   No atomics: bitwise reproducible; the two halves overlap on the GPU (FlexAttention's
+   scheme) instead of running as two launches.
 
-Grids
------
+Program order
+-------------
 Every kernel runs on one grid axis: (tile, batch*head) pairs are folded onto axis 0 (up to
-2**31 - 1 programs) with the tile index fastest, and `_tile_and_head` decodes them. CUDA caps
-axes 1 and 2 at 65,535, which B*H alone passes at B = 4096, H = 16 (see kernels/_grid.py).
+2**31 - 1 programs; CUDA caps axes 1 and 2 at 65,535, which B*H alone passes at B = 4096,
+H = 16, see kernels/_grid.py) and `_tile_and_head` decodes them. With a causal mask the work
+per tile varies (the last query tile sees all keys, the first one tile): heads are grouped in
+sections whose K/V fit in L2, and inside a section the tiles run longest first (forward and
+dQ: descending query tiles; dK/dV: ascending key tiles), so the last wave holds the shortest
+programs.
 
 Dropout
 -------
@@ -62,26 +77,32 @@ Every tl.dot takes operands in the input dtype and accumulates in fp32; softmax 
 lse, delta and the dQ atomics are fp32. For fp16/bf16 the P and dS tiles are rounded to the
 input dtype before their dots (as FlashAttention does). For fp32 inputs the dots use
 input_precision="ieee" (true fp32 FMA; Triton's default on NVIDIA would be tf32, which
-would make fp32 mean ~fp16 accuracy).
+would make fp32 mean ~fp16 accuracy). tanh is computed from exp2 (no libdevice), the same code
+on the GPU and under the interpreter.
 
 Configurations
 --------------
-Block sizes, warps and stages are data: attention_configs.json beside this file, one entry per
-configuration key (kernels/configs.py: arch, dtype, padded head dim, feature flags, Sq/Sk
-power-of-two buckets), so a feature that needs more registers (dropout, ALiBi, ...) gets its
-own non-spilling entry. The entries are FA2-style defaults checked by compiling for sm_90a and
-sm_80 without a GPU (scripts/static_table.py: registers, spills, shared memory, wgmma), NOT
-timed on hardware. `keep(config)` drops configs that cannot fit (shared memory estimate over
-the arch's limit, fp32 accumulators that would spill registers, dot tiles under 16). With
-GPTFAST_AUTOTUNE=1 (on a GPU), the kernels are wrapped in triton.autotune over the kept
-candidate configs instead, one tuning per configuration key. Under TRITON_INTERPRET=1 small
-blocks are used for speed; the kernel code path is the same.
+Block sizes, warps, stages and the USE_TMA / WARP_SPECIALIZE flags are data:
+attention_configs.json beside this file, one entry per configuration key (kernels/configs.py:
+arch, dtype, padded head dim, feature flags, Sq/Sk power-of-two buckets), so a feature that
+needs more registers (dropout, ALiBi, ...) gets its own non-spilling entry. The committed
+entries are checked by compiling for sm_90a and sm_80 without a GPU (scripts/static_table.py:
+registers, spills, shared memory, wgmma); `benchmarks/tune_attention.py` times the candidates
+on a GPU and writes the table. USE_TMA loads the streamed tiles through tensor descriptors
+(made in the kernel; the copy engine zero-fills the edges, so no masks), WARP_SPECIALIZE splits
+the loop into producer and consumer warps; the launchers fall back to pointer loads when a
+tensor breaks TMA's alignment rules. `keep(config)` drops configs that cannot fit or waste
+wgmma. With GPTFAST_AUTOTUNE=1 (on a GPU), the kernels are wrapped in triton.autotune over the
+kept candidates instead, one tuning per configuration key. Under TRITON_INTERPRET=1 small
+blocks are used for speed; the kernel code path is the same (`config_override` runs the TMA
+and warp-specialized paths there too).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -92,19 +113,12 @@ from ._grid import checked_grid
 from ._interpreter import ensure_bf16
 from . import configs
 
-HEAD_DIMS_FWD = (32, 64, 96, 128, 256)
-# d=256 backward runs (and passes the interpreter tests) with the small blocks of the table;
-# it is not yet verified on hardware.
-HEAD_DIMS_BWD = (32, 64, 96, 128, 256)
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 # Launch counter, so a test can prove a model dispatches here.
 LAUNCHES: collections.Counter = collections.Counter()
 
 # Tests set this to True: outputs are then filled with NaN before launch, so an element
 # the kernel forgot to write fails the comparison instead of passing with stale memory.
 POISON_OUTPUTS = False
-
 
 
 # ============================================================================================
@@ -116,19 +130,41 @@ POISON_OUTPUTS = False
 def _dropout_keep(seed, bh, rows, cols, Sq, Sk, dropout_p):
     """Keep bit for elements (rows, cols) of head bh (= b*Hq + h); rows/cols broadcast to 2D.
 
-    The one RNG formula used by the forward, both backward kernels and the mask kernel."""
+    The one RNG formula used by the forward, both backward halves and the mask kernel."""
     counter = (bh.to(tl.int64) * Sq + rows.to(tl.int64)) * Sk + cols.to(tl.int64)
     return tl.rand(seed, counter) >= dropout_p
 
 
 @triton.jit
-def _tile_and_head(n_rows, BLOCK: tl.constexpr):
-    """(tile, batch*head) of this program in a grid of cdiv(n_rows, BLOCK) * B*H programs on
-    axis 0 (see `tiles_x_heads_grid`): the tile index runs fastest, so programs sharing one
-    head's K/V run together, as they did with (tiles, B*H) on two axes."""
-    pid = tl.program_id(0)
+def _tanh(u):
+    # tanh through exp of a non-positive argument: no overflow for any |u|, and the same code
+    # on every backend (no libdevice), so the interpreter runs what the GPU runs.
+    e = tl.exp2(-2.8853900817779268 * tl.abs(u))  # exp(-2|u|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def _tile_and_head(pid, n_rows, n_heads, section, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """(tile, batch*head) of program `pid` among cdiv(n_rows, BLOCK) * n_heads programs folded
+    onto grid axis 0 (see `tiles_x_heads_grid`).
+
+    Heads come in sections of `section` heads (the last may be narrower). Inside a section the
+    head runs fastest and the tile slowest, so the programs running at once share few K/V
+    tensors (a section is sized to fit them in L2); REVERSE walks the tiles from the last:
+    with a causal mask the last query tiles see the most keys, so the longest programs start
+    first and the last wave holds the shortest ones (longest-processing-time-first). With
+    section = 1 this is the plain order, tile fastest."""
     n_tiles = tl.cdiv(n_rows, BLOCK)
-    return pid % n_tiles, pid // n_tiles
+    per_section = n_tiles * section
+    s = pid // per_section
+    local = pid - s * per_section
+    width = tl.minimum(section, n_heads - s * section)
+    tile = local // width
+    bh = s * section + (local - tile * width)
+    if REVERSE:
+        tile = n_tiles - 1 - tile
+    return tile, bh
 
 
 @triton.jit
@@ -162,54 +198,156 @@ def _key_tiles_of_query_tile(start_m, Sq, Sk, window,
     return t_lo, full_lo, full_hi, t_hi
 
 
+@triton.jit
+def _query_tiles_of_key_tile(start_n, Sq, Sk, window,
+                             IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Query tiles (BLOCK_M rows) that can see any key of the key tile [start_n, start_n +
+    BLOCK_N), split like `_key_tiles_of_query_tile`: [full_lo, full_hi) see every key of it."""
+    offset = Sk - Sq
+    # Causal needs i >= j - offset, the window i < j - offset + window. Clamp at 0 before
+    # dividing (truncating division).
+    q_lo = 0
+    q_hi = Sq
+    first_full = 0  # first row that sees every key of the tile (w.r.t. the causal edge)
+    full_end = Sq   # rows below this see every key of the tile (w.r.t. the window edge)
+    if IS_CAUSAL:
+        q_lo = tl.minimum(tl.maximum(start_n - offset, 0), Sq)
+        first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+    if HAS_WINDOW:
+        q_hi = tl.minimum(Sq, tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0))
+        full_end = tl.minimum(Sq, tl.maximum(start_n - offset + window, 0))
+    t_hi = (q_hi + BLOCK_M - 1) // BLOCK_M
+    t_lo = tl.minimum(q_lo // BLOCK_M, t_hi)
+    full_lo = tl.minimum(tl.maximum((first_full + BLOCK_M - 1) // BLOCK_M, t_lo), t_hi)
+    full_hi = tl.minimum(tl.maximum(full_end // BLOCK_M, full_lo), t_hi)
+    # A key tile that crosses Sk is masked on every query tile.
+    full_hi = tl.where(start_n + BLOCK_N <= Sk, full_hi, full_lo)
+    return t_lo, full_lo, full_hi, t_hi
+
+
+@triton.jit
+def _rows(src, start, n_rows, stride_row, offs_d, MASK_ROWS: tl.constexpr,
+          TRANSPOSED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+          BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """Rows [start, start + BLOCK) of one (batch, head) slice, (BLOCK, BLOCK_D), or
+    (BLOCK_D, BLOCK) when TRANSPOSED; zeros past n_rows and past HEAD_DIM.
+
+    USE_TMA: `src` is a tensor descriptor (shape [n_rows, HEAD_DIM]); the copy engine
+    zero-fills out-of-bounds rows and columns itself, so no mask is needed. Otherwise `src`
+    points at row 0 and loads are masked only where needed: rows on edge tiles (MASK_ROWS),
+    columns when the head dim is padded (HEAD_DIM < BLOCK_D)."""
+    if USE_TMA:
+        t = src.load([start, 0])
+        if TRANSPOSED:
+            t = tl.trans(t)
+    else:
+        # The tile's first row as one scalar pointer (uniform math, once per tile) plus offsets
+        # that do not depend on the tile (computed once, outside the loop): the per-load
+        # address math is then a single 64-bit add.
+        rows = tl.arange(0, BLOCK)
+        first = src + start * stride_row
+        if TRANSPOSED:
+            ptrs = first + (rows[None, :] * stride_row + offs_d[:, None])
+            r_in = rows[None, :] < n_rows - start
+            d_in = offs_d[:, None] < HEAD_DIM
+        else:
+            ptrs = first + (rows[:, None] * stride_row + offs_d[None, :])
+            r_in = rows[:, None] < n_rows - start
+            d_in = offs_d[None, :] < HEAD_DIM
+        if MASK_ROWS:
+            if HEAD_DIM == BLOCK_D:
+                t = tl.load(ptrs, mask=r_in, other=0.0)
+            else:
+                t = tl.load(ptrs, mask=r_in & d_in, other=0.0)
+        elif HEAD_DIM == BLOCK_D:
+            t = tl.load(ptrs)
+        else:
+            t = tl.load(ptrs, mask=d_in, other=0.0)
+    return t
+
+
+@triton.jit
+def _slice_source(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """What `_rows` loads from: a tensor descriptor of the (n_rows, HEAD_DIM) slice at `base`
+    (USE_TMA; the launcher checked TMA's alignment rules), or the pointer itself."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                         block_shape=[BLOCK, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _scores(s, qk_scale, cap_scale, softcap2, slope2, rows, cols, offset,
+            HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw q.k products -> scores in base-2 units (log2(e) folded in), with the softcap
+    softcap * tanh(scale * q.k / softcap) and the ALiBi bias -slope * |row + offset - col|.
+    Returns (scores, tanh) (tanh for the softcap's derivative; 0 without softcap).
+    Used where the scale cannot be folded into the exponent's FMA (softcap, ALiBi)."""
+    t = 0.0
+    if HAS_SOFTCAP:
+        t = _tanh(s * cap_scale)
+        s = softcap2 * t
+    else:
+        s = s * qk_scale
+    if HAS_ALIBI:
+        s = s - slope2 * tl.abs(rows + offset - cols).to(tl.float32)
+    return s, t
+
+
 # ============================================================================================
 # Forward
 # ============================================================================================
 
 
 @triton.jit
-def _attn_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_vn, KPM, stride_kpmn,
-                    seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale,
-                    dropout_p, drop_scale, tile_lo, tile_hi,
+def _attn_fwd_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, KPM, stride_kpmn,
+                    seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale,
+                    softcap2, dropout_p, drop_scale, tile_lo, tile_hi,
                     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                     HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    HAS_SOFTCAP: tl.constexpr, FOLD_SCALE: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                    WARP_SPECIALIZE: tl.constexpr):
     offset = Sk - Sq
-    d_mask = offs_d < HEAD_DIM
-    for start_n in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
+    for start_n in tl.range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N,
+                            warp_specialize=WARP_SPECIALIZE):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_in = offs_n < Sk
-        # K is loaded transposed (BLOCK_D, BLOCK_N) straight from memory: no tl.trans needed.
+        kT = _rows(k_src, start_n, Sk, stride_kn, offs_d, MASKED, True, HEAD_DIM, BLOCK_D,
+                   BLOCK_N, USE_TMA)                                       # (BLOCK_D, BLOCK_N)
+        v = _rows(v_src, start_n, Sk, stride_vn, offs_d, MASKED, False, HEAD_DIM, BLOCK_D,
+                  BLOCK_N, USE_TMA)                                        # (BLOCK_N, BLOCK_D)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION)                   # raw q.k
+        if not FOLD_SCALE:
+            s, _ = _scores(s, qk_scale, cap_scale, softcap2, slope2, offs_m[:, None],
+                           offs_n[None, :], offset, HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=n_in[None, :] & d_mask[:, None], other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=n_in[:, None] & d_mask[None, :], other=0.0)
-        else:
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=d_mask[:, None], other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :],
-                        mask=d_mask[None, :], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale  # base-2 units
-        if HAS_ALIBI:
-            dist = tl.abs(offs_m[:, None] + offset - offs_n[None, :]).to(tl.float32)
-            s = s - slope2 * dist
-        if MASKED:
-            visible = n_in[None, :]
+            visible = offs_n[None, :] < Sk
             if IS_CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + offset)
             if HAS_WINDOW:
                 visible = visible & (offs_n[None, :] > offs_m[:, None] + offset - window)
             s = tl.where(visible, s, float("-inf"))
         if HAS_KPM:
-            real = tl.load(KPM + offs_n * stride_kpmn, mask=n_in, other=0)
+            real = tl.load(KPM + offs_n * stride_kpmn, mask=offs_n < Sk, other=0)
             s = tl.where(real[None, :] != 0, s, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD_SCALE:
+            # The row max of the raw products, scaled once per row (qk_scale > 0: the launcher
+            # makes sure), and the scale folded into the exponent: one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so that
         # exp2(-inf - -inf) = NaN never happens (its p and alpha are then exactly 0).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
+        if FOLD_SCALE:
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
+        else:
+            p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normalizer uses the undropped p
         acc = acc * alpha[:, None]
@@ -229,12 +367,15 @@ def _attn_fwd(Q, K, V, OUT, LSE, SLOPES, KPM, SEED,
               stride_oz, stride_oh, stride_om,
               stride_lz, stride_lh,
               stride_kpmz, stride_kpmn,
-              H, GROUP, Sq, Sk, window, softmax_scale, dropout_p, drop_scale,
+              H, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
+              n_heads, section,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    pid_m, bh = _tile_and_head(Sq, BLOCK_M)
+              HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              FOLD_SCALE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """One program per (query tile, batch*head); causal: the longest tiles first."""
+    pid_m, bh = _tile_and_head(tl.program_id(0), Sq, n_heads, section, BLOCK_M, IS_CAUSAL)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -245,16 +386,23 @@ def _attn_fwd(Q, K, V, OUT, LSE, SLOPES, KPM, SEED,
     o_base = OUT + b.to(tl.int64) * stride_oz + h.to(tl.int64) * stride_oh
     lse_base = LSE + b.to(tl.int64) * stride_lz + h.to(tl.int64) * stride_lh
     kpm_base = KPM + b.to(tl.int64) * stride_kpmz
+    k_src = _slice_source(k_base, Sk, stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
+    v_src = _slice_source(v_base, Sk, stride_vn, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
 
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < Sq
     d_mask = offs_d < HEAD_DIM
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-                mask=m_in[:, None] & d_mask[None, :], other=0.0)
+    # With TMA the query tile comes through a descriptor too (Triton's Hopper warp
+    # specialization needs every load of the kernel to be a descriptor load).
+    q_src = _slice_source(q_base, Sq, stride_qm, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
+    q = _rows(q_src, start_m, Sq, stride_qm, offs_d, True, False, HEAD_DIM, BLOCK_D, BLOCK_M,
+              USE_TMA)
 
     qk_scale = softmax_scale * 1.4426950408889634  # fold log2(e): exp -> exp2
+    cap_scale = softmax_scale / softcap
+    softcap2 = softcap * 1.4426950408889634
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
@@ -268,22 +416,35 @@ def _attn_fwd(Q, K, V, OUT, LSE, SLOPES, KPM, SEED,
 
     t_lo, full_lo, full_hi, t_hi = _key_tiles_of_query_tile(
         start_m, Sq, Sk, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
-    if HAS_WINDOW:  # lower window edge (only a window has one)
+    if WARP_SPECIALIZE:
+        # Triton's Hopper warp specialization (3.6) handles one loop per kernel: every key
+        # tile in a single specialized loop, with the mask math on each of them.
         acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kpm_base, stride_kpmn,
-            seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, dropout_p, drop_scale,
-            t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(  # interior: no mask math
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kpm_base, stride_kpmn,
-        seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, dropout_p, drop_scale,
-        full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _attn_fwd_inner(  # diagonal and Sk edge
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, kpm_base, stride_kpmn,
-        seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, dropout_p, drop_scale,
-        full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION)
+            acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, stride_kpmn,
+            seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+            dropout_p, drop_scale, t_lo, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, FOLD_SCALE, HEAD_DIM, BLOCK_D, BLOCK_N,
+            DOT_PRECISION, USE_TMA, True)
+    else:
+        if HAS_WINDOW:  # lower window edge (only a window has one)
+            acc, l_i, m_i = _attn_fwd_inner(
+                acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, stride_kpmn,
+                seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale,
+                softcap2, dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW,
+                HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, FOLD_SCALE, HEAD_DIM, BLOCK_D,
+                BLOCK_N, DOT_PRECISION, USE_TMA, False)
+        acc, l_i, m_i = _attn_fwd_inner(  # interior: no mask math
+            acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, stride_kpmn,
+            seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+            dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, FOLD_SCALE, HEAD_DIM, BLOCK_D, BLOCK_N,
+            DOT_PRECISION, USE_TMA, False)
+        acc, l_i, m_i = _attn_fwd_inner(  # diagonal and Sk edge
+            acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, kpm_base, stride_kpmn,
+            seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+            dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, FOLD_SCALE, HEAD_DIM, BLOCK_D, BLOCK_N,
+            DOT_PRECISION, USE_TMA, False)
 
     # l == 0 exactly when the row saw no visible key (otherwise its max term contributes 1).
     dead = l_i == 0.0
@@ -301,14 +462,17 @@ def _attn_fwd(Q, K, V, OUT, LSE, SLOPES, KPM, SEED,
 
 
 @triton.jit
-def _attn_bwd_preprocess(OUT, DO, DLSE, DELTA,
+def _attn_bwd_preprocess(OUT, DO, DLSE, DELTA, DQ_ACC,
                          stride_oz, stride_oh, stride_om,
                          stride_doz, stride_doh, stride_dom, stride_dok,
                          H, Sq,
-                         HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse, fp32, stored (B*H, Sq) contiguous (as are DLSE/lse)."""
-    pid_m, bh = _tile_and_head(Sq, BLOCK_M)
+                         HAS_DLSE: tl.constexpr, ZERO_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse, fp32, stored (B*H, Sq) contiguous (as are DLSE/lse).
+    ZERO_DQ: also zero these rows of the fp32 dQ accumulator (B*H, Sq, HEAD_DIM) that the
+    atomic backward adds into (one launch fewer than a separate memset)."""
+    pid_m = tl.program_id(0) % tl.cdiv(Sq, BLOCK_M)
+    bh = tl.program_id(0) // tl.cdiv(Sq, BLOCK_M)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -325,45 +489,57 @@ def _attn_bwd_preprocess(OUT, DO, DLSE, DELTA,
     if HAS_DLSE:
         delta = delta - tl.load(DLSE + row, mask=m_in, other=0.0)
     tl.store(DELTA + row, delta, mask=m_in)
+    if ZERO_DQ:
+        tl.store(DQ_ACC + row[:, None] * HEAD_DIM + offs_d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=mask)
 
 
 @triton.jit
-def _attn_bwd_kv_inner(dk, dv, k, v, key_real, Qh, DOh, LSEh, DELTAh, DQh,
+def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
                        stride_qm, stride_dom, stride_dok, stride_dqm,
-                       seed, bh, slope2, offs_n, offs_d, Sq, Sk, window, qk_scale, softmax_scale,
-                       dropout_p, drop_scale, tile_lo, tile_hi,
+                       seed, bh, slope2, offs_n, offs_d, Sq, Sk, window, qk_scale, cap_scale,
+                       softcap2, softmax_scale, dropout_p, drop_scale, tile_lo, tile_hi,
                        MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                       ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Walk query tiles [tile_lo, tile_hi) for one key tile and one query head.
 
-    Works on transposed (key, query) tiles so P^T and dS^T feed the dK/dV dots directly."""
+    Works on transposed (key, query) tiles so P^T and dS^T feed the dK/dV dots directly:
+    every chained product has the key tile's BLOCK_N rows (the warps split them, none is
+    computed twice)."""
     offset = Sk - Sq
     d_mask = offs_d < HEAD_DIM
     for start_m in range(tile_lo * BLOCK_M, tile_hi * BLOCK_M, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_in = offs_m < Sq
-        if MASKED:
-            qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None],
-                         mask=m_in[None, :] & d_mask[:, None], other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
-                         mask=m_in[:, None] & d_mask[None, :], other=0.0)
+        qT = _rows(q_src, start_m, Sq, stride_qm, offs_d, MASKED, True, HEAD_DIM, BLOCK_D,
+                   BLOCK_M, USE_TMA)                                        # (BLOCK_D, BLOCK_M)
+        if USE_TMA:
+            do = _rows(do_src, start_m, Sq, stride_dom, offs_d, MASKED, False, HEAD_DIM,
+                       BLOCK_D, BLOCK_M, USE_TMA)                           # (BLOCK_M, BLOCK_D)
         else:
-            qT = tl.load(Qh + offs_m[None, :] * stride_qm + offs_d[:, None],
-                         mask=d_mask[:, None], other=0.0)
-            do = tl.load(DOh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok,
-                         mask=d_mask[None, :], other=0.0)
+            # dO's last stride is an argument (an expanded scalar has stride 0 everywhere).
+            do_ptrs = do_src + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
+            if MASKED:
+                do = tl.load(do_ptrs, mask=m_in[:, None] & d_mask[None, :], other=0.0)
+            elif HEAD_DIM == BLOCK_D:
+                do = tl.load(do_ptrs)
+            else:
+                do = tl.load(do_ptrs, mask=d_mask[None, :], other=0.0)
         lse = tl.load(LSEh + offs_m, mask=m_in, other=0.0)
         # A dead row (lse = -inf) must get p = 0: use +inf so exp2(s - lse) = 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
         delta = tl.load(DELTAh + offs_m, mask=m_in, other=0.0)
 
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        if HAS_ALIBI:
-            dist = tl.abs(offs_m[None, :] + offset - offs_n[:, None]).to(tl.float32)
-            sT = sT - slope2 * dist
-        pT = tl.exp2(sT - lse2[None, :])
+        sT = tl.dot(k, qT, input_precision=DOT_PRECISION)                  # (BLOCK_N, BLOCK_M)
+        if HAS_SOFTCAP or HAS_ALIBI:
+            sT, tT = _scores(sT, qk_scale, cap_scale, softcap2, slope2, offs_m[None, :],
+                             offs_n[:, None], offset, HAS_SOFTCAP, HAS_ALIBI)
+            pT = tl.exp2(sT - lse2[None, :])
+        else:
+            pT = tl.exp2(sT * qk_scale - lse2[None, :])  # the scale folded: one FMA
         # Invisible entries can overflow exp2 (their score was never part of lse):
         # select them away with where, never multiply by a 0/1 mask (inf * 0 = NaN).
         if MASKED:
@@ -376,7 +552,7 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, Qh, DOh, LSEh, DELTAh, DQh,
         if HAS_KPM:
             pT = tl.where(key_real[:, None], pT, 0.0)
 
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (dO V^T)^T
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)       # (dO V^T)^T
         if HAS_DROPOUT:
             keepT = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Sq, Sk, dropout_p)
             pdT = tl.where(keepT, pT * drop_scale, 0.0)
@@ -385,139 +561,52 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, Qh, DOh, LSEh, DELTAh, DQh,
             pdT = pT
         dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)  # d softcap*tanh(x/softcap) / dx
         ds_lo = dsT.to(qT.dtype)
         dk = tl.dot(ds_lo, tl.trans(qT), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PRECISION) * softmax_scale
-            tl.atomic_add(DQh + offs_m[:, None] * stride_dqm + offs_d[None, :], dq,
-                          mask=m_in[:, None] & d_mask[None, :])
+            # The partial dQ of these BLOCK_M queries, added with relaxed fp32 reductions: no
+            # ordering is needed between them (acq_rel, the default, costs a memory barrier
+            # and an L1 invalidate per atomic). Computed as the product with more rows, so
+            # that it runs on wgmma (64 rows per warpgroup): dQ^T = K^T dS^T (BLOCK_D rows)
+            # when the head dim is the longer side, else dQ = dS K (BLOCK_M rows).
+            if BLOCK_D > BLOCK_M:
+                dqT = tl.dot(tl.trans(k), ds_lo, input_precision=DOT_PRECISION) * softmax_scale
+                tl.atomic_add(DQh + offs_m[None, :] * stride_dqm + offs_d[:, None], dqT,
+                              mask=m_in[None, :] & d_mask[:, None], sem="relaxed")
+            else:
+                dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PRECISION) * softmax_scale
+                tl.atomic_add(DQh + offs_m[:, None] * stride_dqm + offs_d[None, :], dq,
+                              mask=m_in[:, None] & d_mask[None, :], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
-                   stride_qz, stride_qh, stride_qm,
-                   stride_kz, stride_kh, stride_kn,
-                   stride_vz, stride_vh, stride_vn,
-                   stride_doz, stride_doh, stride_dom, stride_dok,
-                   stride_dkz, stride_dkh, stride_dkn,
-                   stride_dvz, stride_dvh, stride_dvn,
-                   stride_dqz, stride_dqh, stride_dqm,
-                   stride_kpmz, stride_kpmn,
-                   H, HKV, GROUP, Sq, Sk, window, softmax_scale, dropout_p, drop_scale,
-                   IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                   HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program per (key tile, batch*kv_head). LSE/DELTA are (B*H, Sq) contiguous fp32."""
-    pid_n, bhk = _tile_and_head(Sk, BLOCK_N)
-    b = bhk // HKV
-    hk = bhk % HKV
-    offset = Sk - Sq
-    start_n = pid_n * BLOCK_N
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_in = offs_n < Sk
-    d_mask = offs_d < HEAD_DIM
-    kv_mask = n_in[:, None] & d_mask[None, :]
-    k = tl.load(K + b.to(tl.int64) * stride_kz + hk.to(tl.int64) * stride_kh
-                + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vz + hk.to(tl.int64) * stride_vh
-                + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-    key_real = n_in
-    if HAS_KPM:  # this program's keys are fixed: load their padding bits once
-        key_real = tl.load(KPM + b.to(tl.int64) * stride_kpmz + offs_n * stride_kpmn,
-                           mask=n_in, other=0) != 0
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(SEED)
-    qk_scale = softmax_scale * 1.4426950408889634
-
-    # Query tiles that can see any key of this tile: causal needs i >= j - offset, the window
-    # needs i < j - offset + window. Clamp at 0 before dividing (truncating division).
-    q_lo = 0
-    q_hi = Sq
-    first_full = 0  # first row that sees every key of the tile (w.r.t. the causal edge)
-    full_end = Sq   # rows below this see every key of the tile (w.r.t. the window edge)
-    if IS_CAUSAL:
-        q_lo = tl.minimum(tl.maximum(start_n - offset, 0), Sq)
-        first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
-    if HAS_WINDOW:
-        q_hi = tl.minimum(Sq, tl.maximum(start_n + BLOCK_N - 1 - offset + window, 0))
-        full_end = tl.minimum(Sq, tl.maximum(start_n - offset + window, 0))
-    t_hi = (q_hi + BLOCK_M - 1) // BLOCK_M
-    t_lo = tl.minimum(q_lo // BLOCK_M, t_hi)
-    full_lo = tl.minimum(tl.maximum((first_full + BLOCK_M - 1) // BLOCK_M, t_lo), t_hi)
-    full_hi = tl.minimum(tl.maximum(full_end // BLOCK_M, full_lo), t_hi)
-    # A key tile that crosses Sk is masked on every query tile.
-    full_hi = tl.where(start_n + BLOCK_N <= Sk, full_hi, full_lo)
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(GROUP):  # the GQA group's query heads: dK/dV summed here, no atomics
-        h = hk * GROUP + g
-        bh = b * H + h
-        q_h = Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
-        do_h = DO + b.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh
-        dq_h = DQ + b.to(tl.int64) * stride_dqz + h.to(tl.int64) * stride_dqh
-        lse_h = LSE + bh.to(tl.int64) * Sq
-        delta_h = DELTA + bh.to(tl.int64) * Sq
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v, key_real, q_h, do_h, lse_h, delta_h, dq_h,
-            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n, offs_d,
-            Sq, Sk, window, qk_scale, softmax_scale, dropout_p, drop_scale, t_lo, full_lo,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT, ATOMIC_DQ,
-            HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v, key_real, q_h, do_h, lse_h, delta_h, dq_h,
-            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n, offs_d,
-            Sq, Sk, window, qk_scale, softmax_scale, dropout_p, drop_scale, full_lo, full_hi,
-            False, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT, ATOMIC_DQ,
-            HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v, key_real, q_h, do_h, lse_h, delta_h, dq_h,
-            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n, offs_d,
-            Sq, Sk, window, qk_scale, softmax_scale, dropout_p, drop_scale, full_hi, t_hi,
-            True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT, ATOMIC_DQ,
-            HEAD_DIM, BLOCK_M, DOT_PRECISION)
-
-    dk = dk * softmax_scale  # d s / d k = scale * q
-    tl.store(DK + b.to(tl.int64) * stride_dkz + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvz + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KPM, stride_kpmn,
-                       seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale,
-                       dropout_p, drop_scale, tile_lo, tile_hi,
+def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, KPM,
+                       stride_kpmn, seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale,
+                       cap_scale, softcap2, dropout_p, drop_scale, tile_lo, tile_hi,
                        MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                        HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_SOFTCAP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       USE_TMA: tl.constexpr):
+    """Walk key tiles [tile_lo, tile_hi) for one query tile: dQ += dS K."""
     offset = Sk - Sq
-    d_mask = offs_d < HEAD_DIM
     for start_n in range(tile_lo * BLOCK_N, tile_hi * BLOCK_N, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_in = offs_n < Sk
-        if MASKED:
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=n_in[None, :] & d_mask[:, None], other=0.0)
-            vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None],
-                         mask=n_in[None, :] & d_mask[:, None], other=0.0)
+        kT = _rows(k_src, start_n, Sk, stride_kn, offs_d, MASKED, True, HEAD_DIM, BLOCK_D,
+                   BLOCK_N, USE_TMA)                                       # (BLOCK_D, BLOCK_N)
+        vT = _rows(v_src, start_n, Sk, stride_vn, offs_d, MASKED, True, HEAD_DIM, BLOCK_D,
+                   BLOCK_N, USE_TMA)                                       # (BLOCK_D, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, t = _scores(s, qk_scale, cap_scale, softcap2, slope2, offs_m[:, None],
+                           offs_n[None, :], offset, HAS_SOFTCAP, HAS_ALIBI)
+            p = tl.exp2(s - lse2[:, None])
         else:
-            kT = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None],
-                         mask=d_mask[:, None], other=0.0)
-            vT = tl.load(V + offs_n[None, :] * stride_vn + offs_d[:, None],
-                         mask=d_mask[:, None], other=0.0)
-        s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
-        if HAS_ALIBI:
-            dist = tl.abs(offs_m[:, None] + offset - offs_n[None, :]).to(tl.float32)
-            s = s - slope2 * dist
-        p = tl.exp2(s - lse2[:, None])
+            p = tl.exp2(s * qk_scale - lse2[:, None])
         if MASKED:
             visible = n_in[None, :] & (offs_m[:, None] < Sq)
             if IS_CAUSAL:
@@ -533,25 +622,128 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_kn, stride_vn, KPM, 
             keep = _dropout_keep(seed, bh, offs_m[:, None], offs_n[None, :], Sq, Sk, dropout_p)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
-                 stride_qz, stride_qh, stride_qm,
-                 stride_kz, stride_kh, stride_kn,
-                 stride_vz, stride_vh, stride_vn,
-                 stride_doz, stride_doh, stride_dom, stride_dok,
-                 stride_dqz, stride_dqh, stride_dqm,
-                 stride_kpmz, stride_kpmn,
-                 H, GROUP, Sq, Sk, window, softmax_scale, dropout_p, drop_scale,
-                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                 HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Deterministic dQ: one program per (query tile, batch*head), plain stores."""
-    pid_m, bh = _tile_and_head(Sq, BLOCK_M)
+def _attn_bwd_dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+                           stride_qz, stride_qh, stride_qm,
+                           stride_kz, stride_kh, stride_kn,
+                           stride_vz, stride_vh, stride_vn,
+                           stride_doz, stride_doh, stride_dom, stride_dok,
+                           stride_dkz, stride_dkh, stride_dkn,
+                           stride_dvz, stride_dvh, stride_dvn,
+                           stride_dqz, stride_dqh, stride_dqm,
+                           stride_kpmz, stride_kpmn,
+                           H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p,
+                           drop_scale, n_kv_heads, section_kv,
+                           IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                           HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
+                           HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """dK, dV of one (key tile, batch*kv_head), summed over the GQA group's query heads (no
+    atomics for them); with ATOMIC_DQ also the dQ of every query tile it meets, added to the
+    fp32 DQ with relaxed atomics. Causal: the first key tiles are seen by the most query
+    tiles, so the plain order is already longest-first."""
+    pid_n, bhk = _tile_and_head(pid, Sk, n_kv_heads, section_kv, BLOCK_N, False)
+    b = bhk // HKV
+    hk = bhk % HKV
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_in = offs_n < Sk
+    d_mask = offs_d < HEAD_DIM
+    kv_mask = n_in[:, None] & d_mask[None, :]
+    k_src = _slice_source(K + b.to(tl.int64) * stride_kz + hk.to(tl.int64) * stride_kh, Sk,
+                          stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
+    v_src = _slice_source(V + b.to(tl.int64) * stride_vz + hk.to(tl.int64) * stride_vh, Sk,
+                          stride_vn, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
+    k = _rows(k_src, start_n, Sk, stride_kn, offs_d, True, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+              USE_TMA)
+    v = _rows(v_src, start_n, Sk, stride_vn, offs_d, True, False, HEAD_DIM, BLOCK_D, BLOCK_N,
+              USE_TMA)
+    key_real = n_in
+    if HAS_KPM:  # this program's keys are fixed: load their padding bits once
+        key_real = tl.load(KPM + b.to(tl.int64) * stride_kpmz + offs_n * stride_kpmn,
+                           mask=n_in, other=0) != 0
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+    qk_scale = softmax_scale * 1.4426950408889634
+    cap_scale = softmax_scale / softcap
+    softcap2 = softcap * 1.4426950408889634
+
+    t_lo, full_lo, full_hi, t_hi = _query_tiles_of_key_tile(
+        start_n, Sq, Sk, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GROUP):  # the GQA group's query heads: dK/dV summed here, no atomics
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_src = _slice_source(Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh, Sq,
+                              stride_qm, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
+        do_src = _slice_source(DO + b.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh,
+                               Sq, stride_dom, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
+        dq_h = DQ + b.to(tl.int64) * stride_dqz + h.to(tl.int64) * stride_dqh
+        lse_h = LSE + bh.to(tl.int64) * Sq
+        delta_h = DELTA + bh.to(tl.int64) * Sq
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
+        dk, dv = _attn_bwd_kv_inner(
+            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h,
+            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n,
+            offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2, softmax_scale,
+            dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M,
+            DOT_PRECISION, USE_TMA)
+        dk, dv = _attn_bwd_kv_inner(  # interior: no mask math
+            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h,
+            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n,
+            offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2, softmax_scale,
+            dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW,
+            HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+            BLOCK_M, DOT_PRECISION, USE_TMA)
+        dk, dv = _attn_bwd_kv_inner(
+            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h,
+            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n,
+            offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2, softmax_scale,
+            dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M,
+            DOT_PRECISION, USE_TMA)
+
+    dk = dk * softmax_scale  # d s / d k = scale * q
+    tl.store(DK + b.to(tl.int64) * stride_dkz + hk.to(tl.int64) * stride_dkh
+             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvz + hk.to(tl.int64) * stride_dvh
+             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_program(pid, Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
+                         stride_qz, stride_qh, stride_qm,
+                         stride_kz, stride_kh, stride_kn,
+                         stride_vz, stride_vh, stride_vn,
+                         stride_doz, stride_doh, stride_dom, stride_dok,
+                         stride_dqz, stride_dqh, stride_dqm,
+                         stride_kpmz, stride_kpmn,
+                         H, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p,
+                         drop_scale, n_heads, section,
+                         IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
+                         HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         USE_TMA: tl.constexpr):
+    """dQ of one (query tile of BLOCK_M rows, batch*head), walking BLOCK_N key tiles, with
+    plain stores (deterministic). Causal: the longest tiles first, as in the forward."""
+    pid_m, bh = _tile_and_head(pid, Sq, n_heads, section, BLOCK_M, IS_CAUSAL)
     b = bh // H
     h = bh % H
     hk = h // GROUP
@@ -560,17 +752,21 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
     offs_d = tl.arange(0, BLOCK_D)
     m_in = offs_m < Sq
     qd_mask = m_in[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh
-                + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0)
+    q = _rows(Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh, start_m, Sq,
+              stride_qm, offs_d, True, False, HEAD_DIM, BLOCK_D, BLOCK_M, False)
     do = tl.load(DO + b.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh
                  + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok, mask=qd_mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=m_in, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=m_in, other=0.0)
-    k_base = K + b.to(tl.int64) * stride_kz + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vz + hk.to(tl.int64) * stride_vh
+    k_src = _slice_source(K + b.to(tl.int64) * stride_kz + hk.to(tl.int64) * stride_kh, Sk,
+                          stride_kn, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
+    v_src = _slice_source(V + b.to(tl.int64) * stride_vz + hk.to(tl.int64) * stride_vh, Sk,
+                          stride_vn, HEAD_DIM, BLOCK_D, BLOCK_N, USE_TMA)
     kpm_base = KPM + b.to(tl.int64) * stride_kpmz
     qk_scale = softmax_scale * 1.4426950408889634
+    cap_scale = softmax_scale / softcap
+    softcap2 = softcap * 1.4426950408889634
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
@@ -583,23 +779,85 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
         start_m, Sq, Sk, window, IS_CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     if HAS_WINDOW:
         dq = _attn_bwd_dq_inner(
-            dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kpm_base, stride_kpmn,
-            seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, dropout_p, drop_scale,
-            t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-            HEAD_DIM, BLOCK_N, DOT_PRECISION)
+            dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, kpm_base,
+            stride_kpmn, seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale,
+            cap_scale, softcap2, dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL,
+            HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D,
+            BLOCK_N, DOT_PRECISION, USE_TMA)
+    dq = _attn_bwd_dq_inner(  # interior: no mask math
+        dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, kpm_base, stride_kpmn,
+        seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+        dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+        HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        USE_TMA)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kpm_base, stride_kpmn,
-        seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, dropout_p, drop_scale,
-        full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, kpm_base, stride_kpmn,
-        seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, dropout_p, drop_scale,
-        full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-        HEAD_DIM, BLOCK_N, DOT_PRECISION)
+        dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, kpm_base, stride_kpmn,
+        seed, bh, slope2, offs_m, offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+        dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+        HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION,
+        USE_TMA)
     dq = dq * softmax_scale
     tl.store(DQ + b.to(tl.int64) * stride_dqz + h.to(tl.int64) * stride_dqh
              + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _attn_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+              stride_qz, stride_qh, stride_qm,
+              stride_kz, stride_kh, stride_kn,
+              stride_vz, stride_vh, stride_vn,
+              stride_doz, stride_doh, stride_dom, stride_dok,
+              stride_dkz, stride_dkh, stride_dkn,
+              stride_dvz, stride_dvh, stride_dvn,
+              stride_dqz, stride_dqh, stride_dqm,
+              stride_kpmz, stride_kpmn,
+              H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
+              n_heads, n_kv_heads, section, section_kv,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              USE_TMA: tl.constexpr):
+    """The backward in one launch. LSE/DELTA are (B*H, Sq) contiguous fp32.
+
+    Programs [0, cdiv(Sk, BLOCK_N) * B*Hkv) each own a key tile of BLOCK_N keys and stream
+    BLOCK_M-query tiles past it (dK, dV; with ATOMIC_DQ also dQ, by fp32 atomics). Without
+    ATOMIC_DQ (deterministic) the programs after them each own a query tile of BLOCK_N queries
+    and stream BLOCK_M-key tiles past it, writing dQ with plain stores: the two halves run in
+    the same launch and overlap, and the tile roles swap so that both halves' chained
+    products have BLOCK_N rows."""
+    pid = tl.program_id(0)
+    if ATOMIC_DQ:
+        _attn_bwd_dkdv_program(
+            pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+            stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+            stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
+            stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh, stride_dvn,
+            stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
+            H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
+            n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
+            HAS_SOFTCAP, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+    else:
+        n_kv_programs = tl.cdiv(Sk, BLOCK_N) * n_kv_heads
+        if pid < n_kv_programs:
+            _attn_bwd_dkdv_program(
+                pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+                stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+                stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
+                stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh, stride_dvn,
+                stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
+                H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
+                n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
+                HAS_SOFTCAP, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+        else:
+            _attn_bwd_dq_program(
+                pid - n_kv_programs, Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
+                stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+                stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
+                stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
+                H, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
+                n_heads, section, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
+                HAS_SOFTCAP, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, DOT_PRECISION, USE_TMA)
 
 
 # ============================================================================================
@@ -630,24 +888,81 @@ def _dropout_mask_kernel(SEED, MASK, Sq, Sk, dropout_p,
 
 # The committed configurations are data: attention_configs.json beside this file, keyed and
 # matched as kernels/configs.py describes (kind, arch, dtype, padded head dim, feature flags,
-# power-of-two Sq/Sk buckets). Kinds: "fwd" (BLOCK_M query x BLOCK_N key tile), "bwd_kv"
-# (BLOCK_M query tiles streamed past a BLOCK_N key tile), "bwd_q" (the deterministic dQ
-# kernel: BLOCK_M owned queries, BLOCK_N streamed keys), "bwd_pre" (delta rows per program).
+# power-of-two Sq/Sk buckets). Kinds: "fwd" (BLOCK_M query x BLOCK_N key tile), "bwd" (the
+# backward launch: dK/dV programs own BLOCK_N keys and stream BLOCK_M queries; deterministic
+# dQ programs own BLOCK_N queries and stream BLOCK_M keys), "bwd_pre" (delta rows per
+# program). fwd and bwd also take the flag USE_TMA (the streamed tiles through tensor
+# descriptors: TMA on sm_90+), fwd the flag WARP_SPECIALIZE (its loop split into a producer
+# warpgroup and consumer warpgroups); both default to 0 (pointer loads, no specialization), so
+# a GPU run can A/B them. The backward has no warp-specialized form: Triton's Hopper
+# warp-specialization pass (3.6 and 3.8) fails on it (see DEVELOPERS.md).
 _FEATURES = {"IS_CAUSAL": "causal", "HAS_WINDOW": "window", "HAS_ALIBI": "alibi",
-             "HAS_KPM": "kpm", "HAS_DROPOUT": "dropout"}
+             "HAS_KPM": "kpm", "HAS_DROPOUT": "dropout", "HAS_SOFTCAP": "softcap"}
+
+SUPPORTED_HEAD_DIMS = tuple(range(8, 257, 8))  # every multiple of 8 up to 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def head_dim_supported(d: int) -> bool:
+    """Every multiple of 8 from 8 to 256: the kernels pad the head dim to the next power of
+    two (>= 16) inside their tiles, and 8 elements are TMA's 16-byte row granule at 16 bits."""
+    return 8 <= d <= 256 and d % 8 == 0
 
 
 class Config(NamedTuple):
-    """A candidate of the autotuner (the tables hold the same four numbers)."""
+    """A candidate configuration (the tables hold the same numbers)."""
     BLOCK_M: int
     BLOCK_N: int
     num_warps: int
     num_stages: int
+    USE_TMA: int = 0
+    WARP_SPECIALIZE: int = 0
 
 
-# Candidates tried by GPTFAST_AUTOTUNE=1 (filtered by keep()).
-_CANDIDATES = [Config(bm, bn, w, s) for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128)
-               for w in (4, 8) for s in (1, 2, 3)]
+# Candidates tried by GPTFAST_AUTOTUNE=1 and benchmarks/tune_attention.py (filtered by keep()).
+# Hopper-aware: 64/128-row tiles for wgmma, 2-4 stages of cp.async or TMA, warp specialization
+# with TMA at 4 warps (Triton 3.6 compiles it on sm_90a at 4 warps, not 8).
+_CANDIDATES = ([Config(bm, bn, w, s) for bm in (16, 32, 64, 128) for bn in (16, 32, 64, 128)
+                for w in (4, 8) for s in (1, 2, 3)]
+               + [Config(bm, bn, w, s, 1) for bm in (64, 128) for bn in (64, 128)
+                  for w in (4, 8) for s in (2, 3)]
+               + [Config(bm, bn, 4, s, 1, 1) for bm in (64, 128) for bn in (64, 128)
+                  for s in (2, 3)])
+
+
+def candidates(kind: str, head_dim: int, dtype: torch.dtype, capability: Tuple[int, int],
+               features: Tuple[str, ...] = ()) -> List[Config]:
+    """The kept candidates for one configuration key (what the tuners sweep)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return [c for c in _CANDIDATES if keep(c, kind, head_dim, elt, capability, features)]
+
+
+def tuning_candidates(kind: str, head_dim: int, dtype: torch.dtype,
+                      capability: Tuple[int, int], features: Tuple[str, ...],
+                      committed: configs.KernelConfig, limit: int = 8) -> List[Config]:
+    """What benchmarks/tune_attention.py times for one key, at most `limit`: the committed
+    config first (the baseline), the same tiles through TMA, the best warp-specialized
+    candidate, then the other kept candidates, larger tiles first (fewer per-score overheads
+    on Hopper), 2-3 stages before 1 or 4."""
+    first = Config(**{f: int(committed.kwargs().get(f, 0)) for f in Config._fields})
+    kept = candidates(kind, head_dim, dtype, capability, features)
+
+    def prior(c: Config):
+        return (-(c.BLOCK_M * c.BLOCK_N), -c.num_warps, abs(c.num_stages - 2.5), c.USE_TMA,
+                c.WARP_SPECIALIZE)
+    ranked = sorted(kept, key=prior)
+    picks = [first]
+    tma = first._replace(USE_TMA=1, WARP_SPECIALIZE=0)
+    if keep(tma, kind, head_dim, torch.empty((), dtype=dtype).element_size(), capability,
+            features):
+        picks.append(tma)
+    picks += [c for c in ranked if c.WARP_SPECIALIZE][:1]
+    picks += [c for c in ranked if not c.WARP_SPECIALIZE]
+    out: List[Config] = []
+    for c in picks:
+        if c not in out:
+            out.append(c)
+    return out[:limit]
 
 
 def _smem_limit(capability: Tuple[int, int]) -> int:
@@ -655,13 +970,27 @@ def _smem_limit(capability: Tuple[int, int]) -> int:
 
 
 def keep(config, kind: str, head_dim: int, elt_bytes: int,
-         capability: Tuple[int, int] = (9, 0)) -> bool:
+         capability: Tuple[int, int] = (9, 0), features: Tuple[str, ...] = ()) -> bool:
     """False for configs known to be invalid or slow: dot tiles under 16, a shared-memory
-    estimate over the arch's limit, or fp32 tiles that would spill registers (persistent
-    accumulators > 128 registers a thread, or with the transient score tiles > 192).
-    `config`: anything with BLOCK_M, BLOCK_N, num_warps, num_stages attributes."""
+    estimate over the arch's limit, fp32 tiles that would spill registers (persistent
+    accumulators > 128 registers a thread, or with the transient score tiles > 192), and on
+    sm_90 with 16-bit inputs tiles that waste wgmma: its warps split the rows of chained
+    products (16 per warp, 64 per warpgroup), so chained products need >= 16 * num_warps rows
+    or two warpgroups compute the same tile (forward: BLOCK_M; backward: BLOCK_N, both
+    halves), and the atomic dQ product (not chained; computed with max(BLOCK_M, BLOCK_D) rows)
+    needs 64. TMA and warp specialization need sm_90; warp specialization needs TMA and 4
+    warps (Triton 3.6 compiles it on sm_90a at 4 warps, not 8) and is for the forward only.
+    `config`: anything with BLOCK_M, BLOCK_N, num_warps, num_stages (and optionally USE_TMA,
+    WARP_SPECIALIZE) attributes."""
     bm, bn, warps, stages = config.BLOCK_M, config.BLOCK_N, config.num_warps, config.num_stages
+    tma = getattr(config, "USE_TMA", 0)
+    ws = getattr(config, "WARP_SPECIALIZE", 0)
     if bm < 16 or bn < 16 or warps not in (1, 2, 4, 8, 16) or stages < 1:
+        return False
+    hopper = capability[0] >= 9
+    if (tma or ws) and not hopper:
+        return False
+    if ws and (not tma or warps != 4 or kind != "fwd"):
         return False
     d = _block_d(head_dim)
     threads = 32 * warps
@@ -670,20 +999,33 @@ def keep(config, kind: str, head_dim: int, elt_bytes: int,
         smem = stages * 2 * bn * d * elt_bytes + bm * d * elt_bytes
         persistent = bm * d  # O accumulator
         transient = bm * bn  # S / P tile
-    elif kind == "bwd_kv":
-        # Streamed Q and dO tiles per stage + resident K, V + the dS^T tile.
+        chained_rows = bm
+    elif kind == "bwd":
+        # dK/dV half: streamed Q and dO tiles per stage + resident K, V + the dS^T tile (the
+        # dQ half, roles swapped, needs the same).
         smem = stages * 2 * bm * d * elt_bytes + 2 * bn * d * elt_bytes + bm * bn * elt_bytes
         persistent = 2 * bn * d  # dK, dV
         transient = 2 * bm * bn  # S^T, dP^T
-    elif kind == "bwd_q":
-        # Streamed K and V tiles per stage + resident Q, dO + the dS tile.
-        smem = stages * 2 * bn * d * elt_bytes + 2 * bm * d * elt_bytes + bm * bn * elt_bytes
-        persistent = bm * d  # dQ
-        transient = 2 * bm * bn  # S, dP
+        chained_rows = bn
+        if hopper and elt_bytes == 2 and "deterministic" not in features and max(bm, d) < 64:
+            return False  # the atomic dQ product (max(BLOCK_M, BLOCK_D) rows) would be mma.sync
     else:
         raise ValueError(kind)
+    # d=256 backward: dK and dV alone (2 * BLOCK_N * 256 fp32) need 8 warps at BLOCK_N=64,
+    # and 4 warps at BLOCK_N=32 run mma.sync: there the duplicated products of 64 rows over
+    # two warpgroups are the cheaper evil (every d=256 backward config spills on sm_90a, see
+    # the static table; 32x64 with 8 warps the least).
+    need_rows = 64 if kind == "bwd" and d > 128 else 16 * warps
+    if hopper and elt_bytes == 2 and chained_rows < need_rows:
+        return False
+    if kind == "bwd" and "deterministic" not in features:
+        transient += max(bm, d) * min(bm, d)  # the atomic dQ tile
+    # Budgets calibrated on the static table (sm_90a, Triton 3.6/3.8): the backward keeps
+    # more live values per score than these counts show (P^T and dS^T in 16 bits, the
+    # transposed dS in shared memory), so it gets less headroom.
+    limit = 192 if kind == "fwd" else 176
     return (smem <= _smem_limit(capability) and persistent / threads <= 128
-            and (persistent + transient) / threads <= 192)
+            and (persistent + transient) / threads <= limit)
 
 
 def _block_d(head_dim: int) -> int:
@@ -700,10 +1042,38 @@ def _features(flags: dict, **more: bool) -> Tuple[str, ...]:
         tuple(name for name, on in more.items() if on)
 
 
+# kind -> KernelConfig that every launch of that kind uses instead of the table's (tests run
+# the TMA and warp-specialized code paths under the interpreter with it; the tuning command
+# times its candidates with it).
+_OVERRIDE: Dict[str, configs.KernelConfig] = {}
+
+
+@contextlib.contextmanager
+def config_override(**by_kind: Mapping[str, int]) -> Iterator[None]:
+    """`with config_override(fwd={...}, bwd={...}):` launches of those kinds use exactly these
+    parameters (missing flags default to 0), whatever the table says."""
+    before = dict(_OVERRIDE)
+    table = configs.load("attention")
+    for kind, params in by_kind.items():
+        spec = table.kinds[kind]
+        full = {**spec.defaults, **params}
+        if set(full) != set(spec.params):
+            raise ValueError(f"config_override({kind}=...): expected {list(spec.params)}, "
+                             f"got {sorted(params)}")
+        _OVERRIDE[kind] = configs.KernelConfig({p: int(full[p]) for p in spec.params})
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(before)
+
+
 def get_config(kind: str, device: torch.device, dtype: torch.dtype, head_dim: Optional[int],
                features: Tuple[str, ...] = (), lengths: Tuple[int, ...] = ()) -> configs.KernelConfig:
-    """The config a launch uses: the table's entry for its key on the GPU it runs on, or the
-    small interpreter config. lengths: (Sq, Sk) for fwd/bwd_kv/bwd_q, () for bwd_pre."""
+    """The config a launch uses: an override, else the table's entry for its key on the GPU it
+    runs on, or the small interpreter config. lengths: (Sq, Sk) for fwd/bwd, () for bwd_pre."""
+    if _OVERRIDE and kind in _OVERRIDE:
+        return _OVERRIDE[kind]
     table = configs.load("attention")
     target = configs.launch_target(device)
     if target is None:
@@ -728,13 +1098,14 @@ def _autotuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, head
     key = table.key(kind, target, dtype, head_dim, features, lengths)
     cache_key = (kernel.__name__, key, tuple(reset_to_zero or ()))
     if cache_key not in _AUTOTUNED:
-        elt = torch.empty((), dtype=dtype).element_size()
-        candidates = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N},
-                                    num_warps=c.num_warps, num_stages=c.num_stages)
-                      for c in _CANDIDATES if keep(c, kind, head_dim, elt, target.capability)]
+        flags = table.kinds[kind].defaults
+        cands = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N,
+                                **{f: bool(getattr(c, f)) for f in flags}},
+                               num_warps=c.num_warps, num_stages=c.num_stages)
+                 for c in candidates(kind, head_dim, dtype, target.capability, features)]
         # key=[]: the tuner is already per configuration key, so it tunes on its first launch
         # and never again (Triton would otherwise re-tune for every new value of a key arg).
-        _AUTOTUNED[cache_key] = triton.autotune(configs=candidates, key=[],
+        _AUTOTUNED[cache_key] = triton.autotune(configs=cands, key=[],
                                                 reset_to_zero=reset_to_zero)(kernel)
     return _AUTOTUNED[cache_key]
 
@@ -745,26 +1116,68 @@ def autotuned_entries(why: str) -> list:
     out = []
     for (_, key, _), tuner in _AUTOTUNED.items():
         for best in tuner.cache.values():
-            out.append(configs.entry_for(key, table, dict(best.kwargs, num_warps=best.num_warps,
-                                                          num_stages=best.num_stages), why))
+            params = {k: int(v) for k, v in best.kwargs.items()}
+            out.append(configs.entry_for(key, table, dict(params, num_warps=best.num_warps,
+                                                          num_stages=best.num_stages), why,
+                                         exact=True))
     return out
 
 
 # ============================================================================================
-# Launch grids (pure functions: the tests check them at shapes too large to run here)
+# Launch grids and program order (pure functions: the tests check them at shapes too large
+# to run here)
 # ============================================================================================
 
 
 def tiles_x_heads_grid(n_rows: int, block: int, n_heads: int) -> Tuple[int]:
-    """Grid of the forward, backward and preprocess kernels: cdiv(n_rows, block) row tiles
-    times n_heads (batch * heads) programs, folded onto axis 0 (decoded by `_tile_and_head`).
-    B * H alone can exceed the 65,535 that CUDA allows on axes 1 and 2."""
+    """Grid of the forward and preprocess kernels: cdiv(n_rows, block) row tiles times n_heads
+    (batch * heads) programs, folded onto axis 0 (decoded by `_tile_and_head`). B * H alone
+    can exceed the 65,535 that CUDA allows on axes 1 and 2."""
     return checked_grid(triton.cdiv(n_rows, block) * n_heads)
+
+
+def backward_grid(Sq: int, Sk: int, block_n: int, n_heads: int, n_kv_heads: int,
+                  deterministic: bool) -> Tuple[int]:
+    """Grid of `_attn_bwd`: the dK/dV programs (key tiles x batch*kv_heads), then, for the
+    deterministic backward, the dQ programs (query tiles of BLOCK_N rows x batch*heads)."""
+    n = triton.cdiv(Sk, block_n) * n_kv_heads
+    if deterministic:
+        n += triton.cdiv(Sq, block_n) * n_heads
+    return checked_grid(n)
 
 
 def dropout_mask_grid(Sq: int, Sk: int, block_m: int, block_n: int, n_heads: int) -> Tuple[int]:
     """Grid of `_dropout_mask_kernel`: (query tiles, key tiles, batch * heads) on axis 0."""
     return checked_grid(triton.cdiv(Sq, block_m) * triton.cdiv(Sk, block_n) * n_heads)
+
+
+# K/V bytes that the programs running at once should share through L2 (H100/H200: 50 MiB of
+# L2; leave room for Q, O and the other operands).
+L2_BUDGET = 32 << 20
+
+
+def head_section(n_heads: int, kv_bytes_per_head: int, ordered: bool) -> int:
+    """Heads per section of the program order (`_tile_and_head`): with a causal mask, as many
+    heads as fit their K/V in L2_BUDGET, so a wave that runs the longest tiles of a section's
+    heads first finds their K/V in L2; without (`ordered` False) 1: the plain order, tile
+    fastest."""
+    if not ordered:
+        return 1
+    return max(1, min(n_heads, L2_BUDGET // max(1, kv_bytes_per_head)))
+
+
+def program_order(n_rows: int, block: int, n_heads: int, section: int,
+                  reverse: bool) -> List[Tuple[int, int]]:
+    """(tile, batch*head) of every program id, in launch order: the host-side statement of
+    `_tile_and_head`, for the tests that check the kernel's decoding and for reading."""
+    n_tiles = triton.cdiv(n_rows, block)
+    out = []
+    for pid in range(n_tiles * n_heads):
+        s, local = divmod(pid, n_tiles * section)
+        width = min(section, n_heads - s * section)
+        tile, lane = divmod(local, width)
+        out.append((n_tiles - 1 - tile if reverse else tile, s * section + lane))
+    return out
 
 
 # ============================================================================================
@@ -785,6 +1198,49 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def tma_compatible(*tensors: Tensor) -> bool:
+    """Whether every (batch, head) slice of these (B, H, S, d) tensors can be a TMA descriptor:
+    16-byte aligned base and row stride, unit last stride, and at least one 16-byte row."""
+    for t in tensors:
+        elt = t.element_size()
+        if (t.stride(-1) != 1 or t.shape[-1] * elt < 16 or t.data_ptr() % 16
+                or any((s * elt) % 16 or s == 0 for s in t.stride()[:-1])):
+            return False
+    return True
+
+
+def _tma_allocator(size: int, alignment: int, stream) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need a little global scratch per program, which Triton
+    asks `triton.set_allocator`'s allocator for at launch. Install torch's caching allocator
+    unless the user set one. Per thread (the allocator is a context variable, and autograd
+    runs the backward in a thread of its own)."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_allocator)
+
+
+def _launch_flags(kind: str, cfg: configs.KernelConfig, *tensors: Tensor) -> Dict[str, bool]:
+    """The flags of a launch (USE_TMA; fwd also WARP_SPECIALIZE): the config's, with TMA (and
+    the warp specialization that needs it) dropped when a tensor breaks TMA's alignment
+    rules. Meta tensors (the static table) have 16-byte aligned data pointers."""
+    tma = bool(cfg.USE_TMA) and tma_compatible(*tensors)
+    if tma and tensors[0].device.type == "cuda":
+        _ensure_tma_allocator()
+    flags = dict(USE_TMA=tma)
+    if kind == "fwd":
+        flags["WARP_SPECIALIZE"] = bool(cfg.WARP_SPECIALIZE) and tma
+    return flags
+
+
+def _launch_options(cfg: configs.KernelConfig) -> Dict[str, int]:
+    return dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages)
+
+
 class _Extras(NamedTuple):
     slopes: Tensor
     kpm: Tensor
@@ -793,6 +1249,7 @@ class _Extras(NamedTuple):
     seed: Tensor
     window: int
     drop_scale: float
+    softcap: float
 
 
 def head_span(t: Tensor) -> int:
@@ -802,7 +1259,7 @@ def head_span(t: Tensor) -> int:
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, alibi_slopes, window,
-           key_padding_mask, dropout_p, seed) -> _Extras:
+           key_padding_mask, dropout_p, seed, softcap) -> _Extras:
     assert q.dim() == 4 and k.dim() == 4 and v.dim() == 4, "q, k, v must be (B, H, S, d)"
     B, Hq, Sq, d = q.shape
     assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == d, (q.shape, k.shape, v.shape)
@@ -812,11 +1269,12 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, alibi_slopes, window,
     assert q.device == k.device == v.device
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1, \
         "the last dim of q, k, v must be contiguous"
-    assert d in HEAD_DIMS_FWD, f"head dim {d} not supported (supported: {HEAD_DIMS_FWD})"
+    assert head_dim_supported(d), f"head dim {d} not supported (a multiple of 8 up to 256)"
     assert max(head_span(t) for t in (q, k, v)) < 2**31, \
         "row offsets within one (batch, head) slice must fit in 32 bits"
     if window is not None:
         assert causal, "window is only supported together with causal=True"
+    assert softcap is None or softcap > 0, f"softcap must be positive or None, got {softcap}"
     dummy = q  # stands in for absent pointers (never read: the constexpr flag is off)
     slopes = dummy
     if alibi_slopes is not None:
@@ -834,17 +1292,26 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, alibi_slopes, window,
         assert seed is not None, "dropout needs a seed tensor"
         seed_t = seed
         drop_scale = 1.0 / (1.0 - dropout_p)
-    return _Extras(slopes, kpm, s_kz, s_kn, seed_t, int(window) if window is not None else 0, drop_scale)
+    return _Extras(slopes, kpm, s_kz, s_kn, seed_t, int(window) if window is not None else 0,
+                   drop_scale, float(softcap) if softcap is not None else 1.0)
+
+
+def _flags(causal, window, alibi_slopes, key_padding_mask, dropout_p, softcap, d, dtype):
+    return dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+                HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None,
+                HAS_DROPOUT=dropout_p > 0.0, HAS_SOFTCAP=softcap is not None, HEAD_DIM=d,
+                BLOCK_D=_block_d(d), DOT_PRECISION=_dot_precision(dtype))
 
 
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: float,
                       alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
                       key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                      seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                      seed: Optional[Tensor] = None,
+                      softcap: Optional[float] = None) -> Tuple[Tensor, Tensor]:
     """Returns out (B, Hq, Sq, d) in q.dtype and lse (B, Hq, Sq) fp32 (natural log; -inf for
     rows that see no key, whose out is 0). See the module docstring for the semantics."""
     LAUNCHES["attention_fwd"] += 1
-    ex = _check(q, k, v, causal, alibi_slopes, window, key_padding_mask, dropout_p, seed)
+    ex = _check(q, k, v, causal, alibi_slopes, window, key_padding_mask, dropout_p, seed, softcap)
     ensure_bf16(q)
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -852,6 +1319,7 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_
     lse = _alloc((B, Hq, Sq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    section = head_section(B * Hq, 2 * Sk * d * k.element_size() // (Hq // Hkv), bool(causal))
     args = (q, k, v, out, lse, ex.slopes, ex.kpm, ex.seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -859,20 +1327,21 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             ex.stride_kpmz, ex.stride_kpmn,
-            Hq, Hq // Hkv, Sq, Sk, ex.window, float(softmax_scale), float(dropout_p), ex.drop_scale)
-    flags = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-                 HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None,
-                 HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=d, BLOCK_D=_block_d(d),
-                 DOT_PRECISION=_dot_precision(q.dtype))
+            Hq, Hq // Hkv, Sq, Sk, ex.window, float(softmax_scale), ex.softcap, float(dropout_p),
+            ex.drop_scale, B * Hq, section)
+    flags = _flags(causal, window, alibi_slopes, key_padding_mask, dropout_p, softcap, d, q.dtype)
+    # The scale folds into the exponent's FMA (row max taken on the raw products) when it is
+    # positive and nothing but masks sits between q.k and the exponent.
+    flags["FOLD_SCALE"] = softmax_scale > 0 and alibi_slopes is None and softcap is None
     features = _features(flags)
     if _autotune_enabled(q.device):
         kernel = _autotuned(_attn_fwd, "fwd", q.device, q.dtype, d, features, (Sq, Sk))
+        _ensure_tma_allocator()
         kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*args, **flags)
     else:
         cfg = get_config("fwd", q.device, q.dtype, d, features, (Sq, Sk))
         _attn_fwd[tiles_x_heads_grid(Sq, cfg.BLOCK_M, B * Hq)](
-            *args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            *args, **flags, **_launch_flags("fwd", cfg, q, k, v), **_launch_options(cfg))
     return out, lse
 
 
@@ -880,18 +1349,18 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                        causal: bool, softmax_scale: float, alibi_slopes: Optional[Tensor] = None,
                        window: Optional[int] = None, key_padding_mask: Optional[Tensor] = None,
                        dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-                       dlse: Optional[Tensor] = None,
-                       deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+                       dlse: Optional[Tensor] = None, deterministic: bool = False,
+                       softcap: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (shapes/dtypes of q, k, v; dk/dv summed over each GQA group).
 
-    `do` may have any strides (stride 0 included). deterministic=True: no atomics (separate
-    dQ kernel), bitwise reproducible. Default: dQ accumulated with fp32 atomics."""
+    `do` may have any strides (stride 0 included). One launch after the preprocess: by
+    default dQ is accumulated with fp32 atomics (relaxed) and cast; deterministic=True: no
+    atomics (the launch's second half computes dQ), bitwise reproducible."""
     LAUNCHES["attention_bwd"] += 1
-    ex = _check(q, k, v, causal, alibi_slopes, window, key_padding_mask, dropout_p, seed)
+    ex = _check(q, k, v, causal, alibi_slopes, window, key_padding_mask, dropout_p, seed, softcap)
     ensure_bf16(q, do, out)
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    assert d in HEAD_DIMS_BWD, f"head dim {d} not supported in backward ({HEAD_DIMS_BWD})"
     assert do.shape == q.shape and out.shape == q.shape and lse.shape == (B, Hq, Sq)
     if do.dtype != q.dtype:
         do = do.to(q.dtype)
@@ -908,71 +1377,54 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     has_dlse = dlse is not None
     dlse_t = dlse.to(torch.float32).contiguous() if has_dlse else lse
     BLOCK_D = _block_d(d)
+    if deterministic:
+        dq = _alloc(q.shape, q.dtype, q.device)
+        dq_acc = dq  # the dQ programs store into it
+    else:
+        # fp32 accumulator for the atomics, zeroed by the preprocess kernel, cast at the end
+        # (for fp32 inputs it is dq itself).
+        dq_acc = _alloc((B, Hq, Sq, d), torch.float32, q.device)
     pre = get_config("bwd_pre", q.device, q.dtype, None, ("dlse",) if has_dlse else ())
     pre_m = pre.BLOCK_M
     _attn_bwd_preprocess[tiles_x_heads_grid(Sq, pre_m, B * Hq)](
-        out, do, dlse_t, delta,
+        out, do, dlse_t, delta, dq_acc,
         out.stride(0), out.stride(1), out.stride(2),
         do.stride(0), do.stride(1), do.stride(2), do.stride(3),
-        Hq, Sq, HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=BLOCK_D, **pre.kwargs())
+        Hq, Sq, HAS_DLSE=has_dlse, ZERO_DQ=not deterministic, HEAD_DIM=d, BLOCK_D=BLOCK_D,
+        **pre.kwargs())
 
-    if deterministic:
-        dq = _alloc(q.shape, q.dtype, q.device)
-        dq_acc = dq  # unused by the dK/dV kernel (ATOMIC_DQ=False)
-    else:
-        # fp32 accumulation buffer for the atomics (must start at zero), cast at the end.
-        dq_acc = torch.zeros((B, Hq, Sq, d), dtype=torch.float32, device=q.device)
-    common = (ex.slopes, ex.kpm, ex.seed)
-    flags = dict(IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-                 HAS_ALIBI=alibi_slopes is not None, HAS_KPM=key_padding_mask is not None,
-                 HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=d, BLOCK_D=BLOCK_D,
-                 DOT_PRECISION=_dot_precision(q.dtype))
-    tail = (Sq, Sk, ex.window, float(softmax_scale), float(dropout_p), ex.drop_scale)
-    kv_args = (q, k, v, do, lse, delta, dk, dv, dq_acc, *common,
-               q.stride(0), q.stride(1), q.stride(2),
-               k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2),
-               do.stride(0), do.stride(1), do.stride(2), do.stride(3),
-               dk.stride(0), dk.stride(1), dk.stride(2),
-               dv.stride(0), dv.stride(1), dv.stride(2),
-               dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
-               ex.stride_kpmz, ex.stride_kpmn,
-               Hq, Hkv, Hq // Hkv, *tail)
-    features = _features(flags)
-    # The dK/dV kernel loops over a GQA group (GROUP > 1), which costs registers: own key.
-    kv_features = _features(flags, deterministic=deterministic, gqa=Hq != Hkv)
-    autotune = _autotune_enabled(q.device)
-    if autotune:
-        kernel = _autotuned(_attn_bwd_dkdv, "bwd_kv", q.device, q.dtype, d, kv_features, (Sq, Sk),
+    flags = _flags(causal, window, alibi_slopes, key_padding_mask, dropout_p, softcap, d, q.dtype)
+    kv_bytes = 2 * Sk * d * k.element_size()
+    args = (q, k, v, do, lse, delta, dk, dv, dq_acc, ex.slopes, ex.kpm, ex.seed,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            do.stride(0), do.stride(1), do.stride(2), do.stride(3),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2),
+            ex.stride_kpmz, ex.stride_kpmn,
+            Hq, Hkv, Hq // Hkv, Sq, Sk, ex.window, float(softmax_scale), ex.softcap,
+            float(dropout_p), ex.drop_scale, B * Hq, B * Hkv,
+            head_section(B * Hq, kv_bytes // (Hq // Hkv), bool(causal)),
+            head_section(B * Hkv, 2 * Sq * d * q.element_size() * (Hq // Hkv), bool(causal)))
+    # The dK/dV programs loop over a GQA group (GROUP > 1), which costs registers: own key.
+    features = _features(flags, deterministic=deterministic, gqa=Hq != Hkv)
+    if _autotune_enabled(q.device):
+        kernel = _autotuned(_attn_bwd, "bwd", q.device, q.dtype, d, features, (Sq, Sk),
                             reset_to_zero=None if deterministic else ["DQ"])
-        kernel[lambda meta: tiles_x_heads_grid(Sk, meta["BLOCK_N"], B * Hkv)](
-            *kv_args, **flags, ATOMIC_DQ=not deterministic)
+        _ensure_tma_allocator()
+        kernel[lambda meta: backward_grid(Sq, Sk, meta["BLOCK_N"], B * Hq, B * Hkv,
+                                          deterministic)](
+            *args, **flags, ATOMIC_DQ=not deterministic)
     else:
-        cfg = get_config("bwd_kv", q.device, q.dtype, d, kv_features, (Sq, Sk))
-        _attn_bwd_dkdv[tiles_x_heads_grid(Sk, cfg.BLOCK_N, B * Hkv)](
-            *kv_args, **flags, ATOMIC_DQ=not deterministic, BLOCK_M=cfg.BLOCK_M,
-            BLOCK_N=cfg.BLOCK_N, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-    if not deterministic:
-        return dq_acc.to(q.dtype), dk, dv
-
-    q_args = (q, k, v, do, lse, delta, dq, *common,
-              q.stride(0), q.stride(1), q.stride(2),
-              k.stride(0), k.stride(1), k.stride(2),
-              v.stride(0), v.stride(1), v.stride(2),
-              do.stride(0), do.stride(1), do.stride(2), do.stride(3),
-              dq.stride(0), dq.stride(1), dq.stride(2),
-              ex.stride_kpmz, ex.stride_kpmn,
-              Hq, Hq // Hkv, *tail)
-    if autotune:
-        kernel = _autotuned(_attn_bwd_dq, "bwd_q", q.device, q.dtype, d, features, (Sq, Sk))
-        kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*q_args, **flags)
-    else:
-        cfg = get_config("bwd_q", q.device, q.dtype, d, features, (Sq, Sk))
-        _attn_bwd_dq[tiles_x_heads_grid(Sq, cfg.BLOCK_M, B * Hq)](
-            *q_args, **flags, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return dq, dk, dv
+        cfg = get_config("bwd", q.device, q.dtype, d, features, (Sq, Sk))
+        _attn_bwd[backward_grid(Sq, Sk, cfg.BLOCK_N, B * Hq, B * Hkv, deterministic)](
+            *args, **flags, ATOMIC_DQ=not deterministic,
+            **_launch_flags("bwd", cfg, q, do, k, v), **_launch_options(cfg))
+    if deterministic:
+        return dq, dk, dv
+    return dq_acc.to(q.dtype), dk, dv
 
 
 def attention_dropout_keep_mask(seed: Tensor, B: int, H: int, Sq: int, Sk: int,

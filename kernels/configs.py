@@ -25,15 +25,22 @@ A table entry
     {"kind": "fwd", "arch": "sm_90", "dtype": ["fp16", "bf16"], "dim": [64],
      "features": ["dropout"], "lengths": {"seqlen_q": 1},
      "config": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, "why": "..."}
-kind, arch, dtype, dim (null for kinds without a dim) and config are required; features and
-lengths are optional restrictions. An entry matches a key when kind, arch, dtype and dim match,
+kind, arch, dtype, dim (null for kinds without a dim) and config are required; features,
+lengths and exact are optional. An entry matches a key when kind, arch, dtype and dim match,
 every feature it names is on (an entry for ["dropout"] applies whenever dropout is on, with or
-without other features) and every length bucket it names is the key's. Among the matches the
-most specific wins: more features first, then more length buckets. A key whose arch has no
-entries of its kind uses the "default" arch's. `validate` proves that every key has exactly one
-best match (run by the unit tests and by scripts/static_table.py); loading checks the schema.
+without other features) and every length bucket it names is the key's; an entry with
+"exact": true (what a tuning run writes: it measured one key) matches only keys whose features
+are exactly its own. Among the matches the most specific wins: exact entries first, then more
+features, then more length buckets. A key whose arch has no entries of its kind uses the
+"default" arch's. `validate` proves that every key has exactly one best match (run by the unit
+tests and by scripts/static_table.py); loading checks the schema.
+
+A kind's "params" are required in every config; its "flags" (0 or 1, e.g. USE_TMA) are
+optional and default to 0.
 
 `interpreter` holds the small configs used under TRITON_INTERPRET=1 (CPU speed), per kind.
+The environment variable GPTFAST_<NAME>_CONFIGS (e.g. GPTFAST_ATTENTION_CONFIGS) points a
+process at another table file (a tuning run's output) instead of the committed one.
 """
 from __future__ import annotations
 
@@ -182,23 +189,27 @@ class Entry(NamedTuple):
     lengths: Tuple[Tuple[int, int], ...]  # (index into the kind's lengths, bucket)
     config: KernelConfig
     why: str
+    exact: bool = False  # matches only keys with exactly these features (a tuned entry)
 
     def matches(self, key: ConfigKey) -> bool:
+        features_match = (set(self.features) == set(key.features) if self.exact
+                          else set(self.features) <= set(key.features))
         return (key.dtype in self.dtypes
                 and (self.dims is None or key.dim in self.dims)
-                and set(self.features) <= set(key.features)
+                and features_match
                 and all(key.lengths[i] == b for i, b in self.lengths))
 
-    def score(self) -> Tuple[int, int]:
-        return len(self.features), len(self.lengths)
+    def score(self) -> Tuple[int, int, int]:
+        return int(self.exact), len(self.features), len(self.lengths)
 
 
 class KindSpec(NamedTuple):
     kernel: str                 # the @triton.jit function the kind configures
-    params: Tuple[str, ...]     # every entry's config has exactly these
+    params: Tuple[str, ...]     # every config has exactly these (required ones, then flags)
     features: Tuple[str, ...]   # optional features the key may carry
     lengths: Tuple[str, ...]    # names of the length buckets in the key
     dims: Optional[Tuple[int, ...]]  # the dim buckets the kernels support (None: no dim)
+    defaults: Dict[str, int] = {}    # the flags: optional in an entry, 0 when absent
 
 
 class ConfigError(ValueError):
@@ -223,14 +234,21 @@ class Table:
 
     def _config(self, where: str, kind: str, raw) -> KernelConfig:
         spec = self.kinds[kind]
-        if not isinstance(raw, dict) or set(raw) != set(spec.params):
-            raise self._err(where, f"config must have exactly {list(spec.params)}, got {raw!r}")
+        required = [p for p in spec.params if p not in spec.defaults]
+        if (not isinstance(raw, dict) or not set(required) <= set(raw)
+                or not set(raw) <= set(spec.params)):
+            flags = f" (optional flags: {list(spec.defaults)})" if spec.defaults else ""
+            raise self._err(where, f"config must have exactly {required}{flags}, got {raw!r}")
         for k, v in raw.items():
+            if k in spec.defaults:
+                if v not in (0, 1) or isinstance(v, bool):
+                    raise self._err(where, f"flag {k} must be 0 or 1, got {v!r}")
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise self._err(where, f"{k} must be a positive int, got {v!r}")
             if k.startswith("BLOCK_") and v & (v - 1):
                 raise self._err(where, f"{k}={v} is not a power of two")
-        return KernelConfig({p: raw[p] for p in spec.params})
+        return KernelConfig({p: raw.get(p, spec.defaults.get(p)) for p in spec.params})
 
     def _parse(self):
         d = self.data
@@ -239,10 +257,12 @@ class Table:
                 raise self._err("top level", f"missing {k!r}")
         for kind, s in d["kinds"].items():
             try:
+                flags = tuple(s.get("flags", ()))
                 self.kinds[kind] = KindSpec(
-                    s["kernel"], tuple(s["params"]), tuple(s.get("features", ())),
+                    s["kernel"], tuple(s["params"]) + flags, tuple(s.get("features", ())),
                     tuple(s.get("lengths", ())),
-                    tuple(s["dims"]) if s.get("dims") is not None else None)
+                    tuple(s["dims"]) if s.get("dims") is not None else None,
+                    {f: 0 for f in flags})
             except (KeyError, TypeError) as e:
                 raise self._err(f"kind {kind}", f"bad spec ({e})") from None
         for kind, raw in d["interpreter"].items():
@@ -252,7 +272,8 @@ class Table:
         missing = set(self.kinds) - set(self.interpreter)
         if missing:
             raise self._err("interpreter", f"no config for {sorted(missing)}")
-        known = {"kind", "arch", "dtype", "dim", "features", "lengths", "config", "why"}
+        known = {"kind", "arch", "dtype", "dim", "features", "lengths", "config", "why",
+                 "exact"}
         for i, e in enumerate(d["entries"]):
             where = f"entry {i}"
             if not isinstance(e, dict) or set(e) - known:
@@ -287,9 +308,12 @@ class Table:
                 lens.append((spec.lengths.index(name), b))
             if not isinstance(e.get("arch"), str):
                 raise self._err(where, "arch must be a string ('sm_90', 'default', ...)")
+            if not isinstance(e.get("exact", False), bool):
+                raise self._err(where, "exact must be true or false")
             self.entries.append(Entry(
                 kind, e["arch"], tuple(dtypes), tuple(dims) if dims is not None else None, feats,
-                tuple(sorted(lens)), self._config(where, kind, e.get("config")), e.get("why", "")))
+                tuple(sorted(lens)), self._config(where, kind, e.get("config")), e.get("why", ""),
+                e.get("exact", False)))
 
     # -- lookup -----------------------------------------------------------------------------
 
@@ -383,9 +407,11 @@ def dump_table(data: dict) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
-def entry_for(key: ConfigKey, table: Table, config: Mapping[str, int], why: str) -> dict:
-    """A JSON entry that applies exactly to `key`'s dtype, dim, features and buckets (the form
-    a tuning run writes)."""
+def entry_for(key: ConfigKey, table: Table, config: Mapping[str, int], why: str,
+              exact: bool = False) -> dict:
+    """A JSON entry for `key`'s dtype, dim, features and buckets (the form a tuning run
+    writes, with exact=True: then it matches no key with more features). Flags that are 0
+    are left out."""
     spec = table.kinds[key.kind]
     e = {"kind": key.kind, "arch": key.arch, "dtype": [key.dtype],
          "dim": None if key.dim is None else [key.dim]}
@@ -393,14 +419,24 @@ def entry_for(key: ConfigKey, table: Table, config: Mapping[str, int], why: str)
         e["features"] = list(key.features)
     if key.lengths:
         e["lengths"] = dict(zip(spec.lengths, key.lengths))
-    e["config"] = {p: int(config[p]) for p in spec.params}
+    if exact:
+        e["exact"] = True
+    e["config"] = {p: int(config.get(p, spec.defaults.get(p, 0))) for p in spec.params
+                   if p not in spec.defaults or int(config.get(p, 0))}
     e["why"] = why
     return e
 
 
+def table_path(name: str) -> Path:
+    """The file `load(name)` reads: $GPTFAST_<NAME>_CONFIGS when set (a tuned table), else the
+    committed `<name>_configs.json` beside this file."""
+    override = os.environ.get(f"GPTFAST_{name.upper()}_CONFIGS")
+    return Path(override) if override else _HERE / f"{name}_configs.json"
+
+
 @functools.lru_cache(maxsize=None)
 def load(name: str) -> Table:
-    """The table `name` ("attention", "cross_entropy") from `<name>_configs.json` beside this file."""
-    path = _HERE / f"{name}_configs.json"
+    """The table `name` ("attention", "cross_entropy"): see `table_path`."""
+    path = table_path(name)
     with open(path) as f:
         return Table(path.name, json.load(f))

@@ -16,6 +16,10 @@ with its own timeout (a slow stage costs only itself), each writing its results 
             CUDA module's (proof that the fused ops run inside the model) and recording
             gptfast.explain's decisions
   train-ddp the same trainer under torchrun, one process, --parallel ddp (NCCL): a few steps
+  tune      benchmarks/tune_attention.py --quick: the attention configurations timed on this
+            GPU (a few keys, <= 40 s); the tuned table (tune/attention_configs.json in the logs)
+            is what the benchmarks after it use (GPTFAST_ATTENTION_CONFIGS); commit it as
+            kernels/attention_configs.json to make it the default
   bench-*   the four benchmarks in quick mode
 
 Outputs in $OUT (else gpu-check-out/): summary.md, results.json (every number, commit, kernel
@@ -51,13 +55,13 @@ from provenance import git_info, kernel_hash  # noqa: E402  (torch-free)
 BENCHES = ("attention", "cross_entropy", "train", "generate")
 # (stage, own timeout s, floor s). The whole check has a deadline (--budget, 420 s): env +
 # install + the nvcc build of csrc/ take up to ~2.5 minutes, and everything after the build
-# (tests, training smoke run, benchmarks) fits in 5 minutes, so two runs fit one 15-minute
-# device session with the machine's start. A stage gets min(own, time left - floors of the
-# stages after it), never less than its floor. Estimates (no GPU run yet): tune from
-# results.json (stages.<name>.seconds).
-STAGES = [("env", 20, 10), ("install", 40, 15), ("build", 120, 60), ("pytest", 75, 30),
-          ("train", 30, 15), ("train-ddp", 25, 10), ("bench-attention", 45, 20),
-          ("bench-cross_entropy", 50, 20), ("bench-train", 55, 25), ("bench-generate", 20, 10)]
+# (tests, training smoke runs, the quick tuning, benchmarks) fits in 5 minutes, so two runs fit
+# one 15-minute device session with the machine's start. A stage gets min(own, time left -
+# floors of the stages after it), never less than its floor. Estimates (no GPU run yet): tune
+# from results.json (stages.<name>.seconds).
+STAGES = [("env", 20, 10), ("install", 40, 15), ("build", 120, 60), ("pytest", 70, 30),
+          ("train", 25, 15), ("train-ddp", 20, 10), ("tune", 40, 15), ("bench-attention", 40, 20),
+          ("bench-cross_entropy", 45, 20), ("bench-train", 45, 25), ("bench-generate", 15, 10)]
 # Rows a GPU run must have, per benchmark: (peer, required only when its wheel was brought).
 REQUIRED = {
     "attention": [("sdpa-flash", None), ("sdpa-cudnn", None), ("gptfast-cuda", None)],
@@ -364,6 +368,32 @@ class Check:
                 f"{summary.get('train_loss') or float('nan'):.3f}" if summary else "no log.json")
         return {"status": self.status_of(r, ok), **r, "note": note}
 
+    def tune_stage(self, timeout: float) -> dict:
+        """The quick tuning run; on success the benchmarks after it read its table."""
+        folder = self.work / "tune"
+        folder.mkdir(exist_ok=True)
+        table, report = folder / "attention_configs.json", folder / "report.json"
+        # The script starts no new key after --budget; a key started just before takes ~20 s.
+        args = [str(REPO / "benchmarks" / "tune_attention.py"), "--quick", "--out", str(table),
+                "--report", str(report), "--budget", f"{max(5.0, timeout - 25):.0f}"]
+        if self.dry_run:
+            args += ["--dry-run", "--dims", "16", "--modes", "fwd", "--max-candidates", "2"]
+        r = self.python("tune", args, timeout)
+        info = json.loads(report.read_text()) if report.exists() else {}
+        keys = info.get("keys", [])
+        self.results["tune"] = {
+            "seconds": info.get("seconds"), "dry_run": info.get("dry_run"),
+            "keys": [{"key": k["key"], "best": (k.get("best") or {}).get("config"),
+                      "ms": (k.get("best") or {}).get("ms"), "skipped": k.get("skipped")}
+                     for k in keys]}
+        ok = r.get("rc") == 0 and table.exists()
+        if ok:
+            self.env["GPTFAST_ATTENTION_CONFIGS"] = str(table)
+        tuned = sum(1 for k in keys if k.get("entry"))
+        note = (f"{tuned}/{len(keys)} keys tuned" + ("; the benchmarks use the tuned table"
+                                                     if ok else "; benchmarks use the committed table"))
+        return {"status": self.status_of(r, ok), **r, "note": note}
+
     def bench_stage(self, name: str, timeout: float) -> dict:
         script = REPO / "benchmarks" / f"bench_{name}.py"
         args = [str(script), "--quick", "--out", str(self.bench_dir)]
@@ -549,7 +579,7 @@ def parse_args(argv=None):
     p.add_argument("--timeout-scale", type=float, default=1.0,
                    help="multiply every stage's own timeout (slower machines)")
     p.add_argument("--only", type=lambda s: [x for x in s.split(",") if x], default=None,
-                   help="comma-separated stages to run (env,install,build,pytest,train,train-ddp,bench or "
+                   help="comma-separated stages to run (env,install,build,pytest,train,train-ddp,tune,bench or "
                         "bench-<name>); the others are reported as skipped")
     p.add_argument("--bench-results", default=None,
                    help="folder with <name>.json of benchmarks not run now (e.g. from a previous run)")
@@ -570,6 +600,7 @@ def main(argv=None) -> int:
     check.stage("pytest", check.pytest_stage)
     check.stage("train", check.train_stage)
     check.stage("train-ddp", check.train_ddp_stage)
+    check.stage("tune", check.tune_stage)
     for name in BENCHES:
         check.stage(f"bench-{name}", lambda t, n=name: check.bench_stage(n, t))
         if check.results["stages"][f"bench-{name}"]["status"] == "skipped" and args.bench_results:

@@ -12,7 +12,9 @@ How the main loop is found (documented in DEVELOPERS.md, "Compiling the kernels 
 2. loops: natural loops, one per header h with back edges u -> h where h dominates u; the body
    is h plus every block that reaches a back-edge source without passing h. Loops nest by
    inclusion; an innermost loop contains no other.
-3. main loop: among the innermost loops, the one with the most tensor-core instructions
+3. main loop: among the innermost loops (innermost among loops that compute: a loop whose
+   nested loops only wait, like the spin loops on a TMA copy's mbarrier, counts), the one with
+   the most tensor-core instructions
    (HGMMA, HMMA) per iteration; without tensor cores (fp32 "ieee" dots, row kernels) the one
    with the most FFMA. Ties go to the loop with FEWER instructions: of several copies of the
    same loop body (attention's masked edge tiles and unmasked interior tiles compile to
@@ -209,6 +211,28 @@ def tensor_core_shapes(instrs: List[Instr]) -> Dict[str, int]:
     return dict(sorted(c.items()))
 
 
+_HMMA_SHAPE = re.compile(r"^(\d\d)(\d{1,2}?)(\d{1,2})$")
+
+
+def tensor_core_macs_per_warp(instrs: List[Instr]) -> int:
+    """Multiply-accumulates the tensor-core instructions of `instrs` do, per warp that runs
+    them: HGMMA.64xNxK is one warpgroup's (4 warps') 64*N*K; HMMA.16816 is one warp's
+    16*8*16. Multiplied by the warps that run the loop, it is the work issued, which the
+    static table compares with the work the tile needs (a ratio above 1: products computed
+    twice)."""
+    total = 0
+    for i in instrs:
+        parts = i.opcode.split(".")
+        if i.base in ("HGMMA", "QGMMA", "IGMMA", "BGMMA") and len(parts) > 1:
+            m, n, k = (int(x) for x in parts[1].split("x"))
+            total += m * n * k // 4
+        elif i.base == "HMMA" and len(parts) > 1:
+            mnk = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4)}.get(parts[1])
+            if mnk:
+                total += mnk[0] * mnk[1] * mnk[2]
+    return total
+
+
 def _heavy(loop: Loop) -> Tuple[int, int]:
     tc = sum(1 for i in loop.instrs if i.base in TENSOR_CORE)
     fma = sum(1 for i in loop.instrs if i.base in ("FFMA", "HFMA2", "DFMA"))
@@ -217,8 +241,13 @@ def _heavy(loop: Loop) -> Tuple[int, int]:
 
 def main_loop(lps: List[Loop]) -> Optional[Loop]:
     """The innermost loop with the most tensor-core instructions (else FFMAs); ties: fewest
-    instructions (see the module docstring)."""
-    inner = [lp for lp in lps if lp.innermost]
+    instructions (see the module docstring). Innermost among the loops that compute: a loop
+    whose nested loops do no tensor-core or FFMA work (the spin loops that wait on a TMA
+    copy's mbarrier) still counts as innermost, those waits counted once."""
+    def computes(lp: Loop) -> bool:
+        return _heavy(lp) != (0, 0)
+    inner = [lp for lp in lps
+             if not any(o is not lp and o.body < lp.body and computes(o) for o in lps)]
     if not inner:
         return None
     return max(inner, key=lambda lp: (_heavy(lp), -len(lp.instrs)))
@@ -273,6 +302,13 @@ def summarize(text: str, threads: int, tile: int) -> dict:
             "tensor_core_shapes": tensor_core_shapes(main.instrs),
             "loads": count(main.instrs, LOADS),
             "memory_barriers": count(main.instrs, MEMORY_BARRIERS),
+            # full opcodes: MEMBAR.ALL.CTA (a shared-memory fence before wgmma reads what the
+            # threads stored) is not MEMBAR.SC.GPU / .GPU (ordering against all of memory)
+            "memory_barrier_opcodes": dict(sorted(collections.Counter(
+                i.opcode for i in main.instrs if i.base in MEMORY_BARRIERS).items())),
+            "atomic_opcodes": dict(sorted(collections.Counter(
+                i.opcode for i in main.instrs if i.base in ATOMICS).items())),
+            "tensor_core_macs_per_warp": tensor_core_macs_per_warp(main.instrs),
             "sync": count(main.instrs, SYNC),
             "atomics": count(main.instrs, ATOMICS),
             "local_memory": count(main.instrs, SPILLS),

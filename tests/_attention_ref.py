@@ -50,10 +50,12 @@ def padding_mask(B: int, Sk: int, kind: str, device) -> Tensor:
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scale: float,
                   alibi_slopes: Optional[Tensor] = None, window: Optional[int] = None,
                   key_padding_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                  keep: Optional[Tensor] = None, dtype: torch.dtype = torch.float64):
+                  keep: Optional[Tensor] = None, dtype: torch.dtype = torch.float64,
+                  softcap: Optional[float] = None):
     """Returns (out, lse) computed in `dtype` (differentiable w.r.t. q, k, v).
 
-    Dropout uses the given (B, Hq, Sq, Sk) bool keep-mask on the normalized probabilities."""
+    Dropout uses the given (B, Hq, Sq, Sk) bool keep-mask on the normalized probabilities;
+    softcap c: scores c * tanh(scale * q.k / c) before ALiBi and the masks."""
     B, Hq, Sq, _ = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -61,6 +63,8 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scal
     k = k.repeat_interleave(rep, dim=1)
     v = v.repeat_interleave(rep, dim=1)
     s = (q @ k.transpose(-1, -2)) * softmax_scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
     if alibi_slopes is not None:
         i = torch.arange(Sq, device=q.device)[:, None]
         j = torch.arange(Sk, device=q.device)[None, :]

@@ -5,7 +5,7 @@ import torch
 
 
 def attention_oracle(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window=None,
-                     key_padding_mask=None, keep_mask=None, dropout_p=0.0):
+                     key_padding_mask=None, keep_mask=None, dropout_p=0.0, softcap=None):
     """Row by row in float64: returns (out, lse) with lse=-inf and out=0 for empty rows."""
     q, k, v = q.double(), k.double(), v.double()
     B, Hq, Sq, d = q.shape
@@ -19,6 +19,8 @@ def attention_oracle(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=N
         for h in range(Hq):
             kv = h // (Hq // Hkv)
             s_all = (q[b, h].cpu() @ k[b, kv].cpu().T) * scale  # (Sq, Sk)
+            if softcap is not None:
+                s_all = softcap * torch.tanh(s_all / softcap)
             for i in range(Sq):
                 vis = torch.ones(Sk, dtype=torch.bool)
                 if causal:

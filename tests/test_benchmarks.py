@@ -175,7 +175,7 @@ def test_gpu_check_dry_run(bench_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--dry-run", "--out", str(out),
-         "--only", "env,install,train,bench-generate", "--bench-results", str(bench_dir)],
+         "--only", "env,install,train,tune,bench-generate", "--bench-results", str(bench_dir)],
         capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
@@ -183,6 +183,8 @@ def test_gpu_check_dry_run(bench_dir, tmp_path):
     assert res["dry_run"] and res["kernel_hash"] and res["git"]["commit"]
     assert res["stages"]["train"]["status"] == "ok" and res["train"]["explain"]
     assert res["stages"]["pytest"]["status"] == "skipped"
+    assert res["stages"]["tune"]["status"] == "ok", res["stages"]["tune"]
+    assert res["tune"]["dry_run"] and res["tune"]["keys"][0]["best"]["BLOCK_M"] >= 16
     assert set(res["benchmarks"]) == set(BENCH_MODULES)       # 3 loaded, generate run now
     assert any(g["benchmark"] == "cross_entropy" for g in res["goals"])
     assert res["missing_required"] == []                        # not required on the CPU
@@ -267,3 +269,72 @@ def test_dw_accumulation_microbenchmark_rows(monkeypatch):
         assert 0 <= r["dw_max_diff_vs_fp32"] < 2.0 ** -6
     text = bench_cross_entropy.table(rows)
     assert "dW accumulation of the lean backward" in text
+
+
+# ---- the attention tuning command (tune_attention.py) -----------------------------------------
+
+def test_tune_attention_candidates():
+    """The list a GPU run times per key: the committed config first, only kept configs, at most
+    `limit`, the TMA form of the committed tiles and a warp-specialized forward among them."""
+    from gptfast.kernels import attention as A
+    from gptfast.kernels import configs as C
+    table = C.load("attention")
+    H100 = C.Target((9, 0), 132)
+    for kind, feats in (("fwd", ("causal",)), ("bwd", ("causal",)),
+                        ("bwd", ("causal", "deterministic"))):
+        committed = table.lookup(table.key(kind, H100, torch.bfloat16, 128, feats, (4096, 4096)))
+        cands = A.tuning_candidates(kind, 128, torch.bfloat16, (9, 0), feats, committed, limit=5)
+        assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands)
+        assert cands[0] == A.Config(**{f: int(committed.kwargs().get(f, 0))
+                                       for f in A.Config._fields})
+        assert cands[1] == cands[0]._replace(USE_TMA=1)
+        assert all(A.keep(c, kind, 128, 2, (9, 0), feats) for c in cands[1:])
+        assert any(c.WARP_SPECIALIZE for c in cands) == (kind == "fwd")
+
+
+def test_tune_attention_dry_run(tmp_path):
+    """The whole pipeline on the CPU (Triton interpreter, tiny shape, sm_90 candidates): every
+    key gets an exact entry from a candidate that matched the committed config's results, the
+    written table validates and keeps every committed entry, the committed file is untouched."""
+    from gptfast.kernels import configs as C
+    committed = (REPO / "kernels" / "attention_configs.json").read_text()
+    out, report = tmp_path / "tuned.json", tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "tune_attention.py"), "--dry-run", "--dims", "16",
+         "--modes", "fwd", "bwd-det", "--max-candidates", "2", "--out", str(out),
+         "--report", str(report)], capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (REPO / "kernels" / "attention_configs.json").read_text() == committed
+    rep = json.loads(report.read_text())
+    assert rep["dry_run"] and len(rep["keys"]) == 2
+    for rec in rep["keys"]:
+        assert len(rec["candidates"]) == 2 and rec["best"]["ms"] > 0
+        assert all(c["ms"] is not None for c in rec["candidates"]), rec["candidates"]
+    data = json.loads(out.read_text())
+    assert C.Table("tuned", data).validate() == []
+    old = json.loads(committed)["entries"]
+    assert all(e in data["entries"] for e in old)
+    new = [e for e in data["entries"] if e not in old]
+    assert len(new) == 2 and all(e["exact"] and e["arch"] == "sm_90" and e["dim"] == [16]
+                                 for e in new)
+    assert sorted(e["kind"] for e in new) == ["bwd", "fwd"]
+    det = next(e for e in new if e["kind"] == "bwd")
+    assert det["features"] == ["causal", "deterministic"]
+
+
+def test_tune_attention_rejects_wrong_results_and_merges():
+    import tune_attention as T
+    a = torch.randn(3, 5, dtype=torch.float64)
+    assert T._close((a, a, a), (a, a, a), torch.float32) is None
+    assert "max |diff|" in T._close((a, a + 1e-2, a), (a, a, a), torch.float32)
+    bad = a.clone()
+    bad[1, 2] = float("nan")
+    assert "non-finite" in T._close((bad, a), (a, a), torch.bfloat16)
+    data = {"entries": [{"kind": "fwd", "arch": "default", "dim": [64], "why": "d"},
+                        {"kind": "fwd", "arch": "sm_90", "dim": [64], "exact": True, "why": "old"}]}
+    e = {"kind": "fwd", "arch": "sm_90", "dim": [64], "exact": True, "why": "new"}
+    got = T.merge(data, [e])
+    assert got["entries"] == [data["entries"][0], e]          # the old exact entry replaced
+    got = T.merge(data, [dict(e, arch="sm_100")])              # a new arch: defaults copied first
+    assert [x["arch"] for x in got["entries"]] == ["default", "sm_90", "sm_100", "sm_100"]
+    assert data["entries"][1]["why"] == "old"                  # the input is not modified

@@ -199,26 +199,32 @@ def test_alibi_slopes_match_bloom():
             torch.testing.assert_close(alibi_slopes(n).double(), exact, rtol=6e-8, atol=0)
 
 
-def test_gemma2_score_softcap():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gemma2_score_softcap(backend):
     """Gemma-2's default attn_logit_softcapping=50: attention stays on the model's own
     implementation (and patch warns) until gptfast.attention takes `softcap`; the loss is fused
-    either way."""
-    model = build("gemma2", attn_logit_softcapping=50.0)
+    either way. backend="triton": the softcap runs inside the attention kernels (here the
+    tiny model's scores are small: a cap of 0.1 changes q_proj's gradient by about a third)."""
+    model = build("gemma2", attn_logit_softcapping=50.0 if backend == "torch" else 0.1)
     ref, patched = oracle(model), copy.deepcopy(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = gptfast.hf.patch(patched, backend="torch")
+        report = gptfast.hf.patch(patched, backend=backend)
     if attention_takes_softcap():
         assert report.attention == "gptfast" and not caught
     else:
-        assert "attn_logit_softcapping=50.0" in report.attention
+        assert "attn_logit_softcapping=" in report.attention
         assert any("soft-caps attention" in str(w.message) for w in caught)
         assert patched.config._attn_implementation == "eager"
     assert "softcap 30.0" in report.cross_entropy
     ids, mask, labels = batch()
     ref_loss, ref_grads = _loss_and_grads(ref, ids, mask, labels, ref=True)
     base_loss, base_grads = _loss_and_grads(model, ids, mask, labels)
+    from gptfast.kernels import attention as attn_kernels
+    launches = attn_kernels.LAUNCHES["attention_fwd"]
     loss, grads = _loss_and_grads(patched, ids, mask, labels)
+    if backend == "triton" and attention_takes_softcap():  # the kernels ran the capped scores
+        assert attn_kernels.LAUNCHES["attention_fwd"] > launches
     assert_rule("gemma2 softcap loss", loss, ref_loss, base_loss, 2, ATOL)
     for name in grads:
         assert_rule(f"gemma2 softcap grad {name}", grads[name], ref_grads[name],

@@ -37,14 +37,35 @@ def test_attention_entries_are_kept(cap):
     """keep(): every config a GPU of `cap` can get fits its shared memory and registers."""
     table = C.load("attention")
     target = C.Target(cap, 100)
-    for key in table.keys(["fwd", "bwd_kv", "bwd_q"]):
+    for key in table.keys(["fwd", "bwd"]):
         if key.arch not in (target.arch, "default") or table.arch_of(key.kind, target.arch) != key.arch:
             continue
         cfg = table.lookup(key)
         elt = 4 if key.dtype == "fp32" else 2
-        assert A.keep(cfg, key.kind, key.dim, elt, cap), (key.describe(), cfg)
+        assert A.keep(cfg, key.kind, key.dim, elt, cap, key.features), (key.describe(), cfg)
     # d=256 with 128x128 tiles and 3 stages cannot fit shared memory: filtered out.
     assert not A.keep(A.Config(128, 128, 8, 3), "fwd", 256, 2, cap)
+
+
+def test_keep_rules_for_hopper():
+    """keep() on sm_90 with 16-bit inputs: chained products need 16 rows per warp (else two
+    warpgroups compute the same tile), the atomic dQ needs 64 query rows... unless the head
+    dim gives the product its rows; TMA and warp specialization only where they compile."""
+    H, A100 = (9, 0), (8, 0)
+    assert A.keep(A.Config(128, 128, 8, 2), "fwd", 128, 2, H)
+    assert not A.keep(A.Config(64, 128, 8, 2), "fwd", 128, 2, H)      # 64 rows, 8 warps
+    assert A.keep(A.Config(64, 128, 8, 2), "fwd", 128, 2, A100)       # mma.sync: fine
+    assert A.keep(A.Config(64, 64, 4, 2), "fwd", 128, 4, H)           # fp32: no wgmma
+    assert not A.keep(A.Config(32, 64, 8, 2), "bwd", 64, 2, H)        # BLOCK_N rows < 128
+    assert A.keep(A.Config(32, 128, 8, 2), "bwd", 128, 2, H)
+    assert A.keep(A.Config(128, 128, 4, 2, 1, 1), "fwd", 64, 2, H)    # TMA + WS, 4 warps
+    assert not A.keep(A.Config(128, 128, 8, 2, 1, 1), "fwd", 64, 2, H)  # WS at 8 warps
+    assert not A.keep(A.Config(128, 128, 4, 2, 0, 1), "fwd", 64, 2, H)  # WS without TMA
+    assert not A.keep(A.Config(32, 128, 4, 2, 1, 1), "bwd", 64, 2, H)   # no WS backward
+    assert not A.keep(A.Config(128, 128, 8, 2, 1), "fwd", 64, 2, A100)  # no TMA before sm_90
+    cands = A.candidates("fwd", 128, torch.bfloat16, H, ("causal",))
+    assert any(c.USE_TMA for c in cands) and any(c.WARP_SPECIALIZE for c in cands)
+    assert all(A.keep(c, "fwd", 128, 2, H) for c in cands)
 
 
 def _table(entries, features=("causal", "dropout", "alibi"), lengths=("seqlen_q",)):
@@ -117,20 +138,61 @@ def test_length_buckets():
 
 def test_entry_for_round_trip():
     t = C.load("attention")
-    key = t.key("bwd_kv", H100, torch.bfloat16, 128, ("causal", "dropout"), (4096, 4096))
+    key = t.key("bwd", H100, torch.bfloat16, 128, ("causal", "dropout"), (4096, 4096))
     data = raw("attention")
     data["entries"].append(C.entry_for(key, t, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2,
                                                 "num_stages": 1}, "tuned"))
     t2 = C.Table("tuned", data)
     assert t2.validate() == []
-    assert t2.lookup(key).kwargs() == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2, "num_stages": 1}
+    assert t2.lookup(key).kwargs() == {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 2,
+                                       "num_stages": 1, "USE_TMA": 0}
     other = key._replace(lengths=(2048, 2048))
     assert t2.lookup(other) == t.lookup(other)  # other buckets keep the committed entry
 
 
+def test_exact_entries_and_flags():
+    """A tuned entry ("exact": true) applies to its own feature set only, never to a key with
+    one more feature (which it was not measured with); flags are optional and 0 by default."""
+    t = C.load("attention")
+    key = t.key("fwd", H100, torch.bfloat16, 128, ("causal",), (4096, 4096))
+    data = raw("attention")
+    e = C.entry_for(key, t, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2,
+                             "USE_TMA": 1, "WARP_SPECIALIZE": 1}, "tuned", exact=True)
+    assert e["exact"] is True and e["config"]["USE_TMA"] == 1
+    data["entries"].append(e)
+    t2 = C.Table("tuned", data)
+    assert t2.validate() == []
+    assert t2.lookup(key).USE_TMA == 1 and t2.lookup(key).WARP_SPECIALIZE == 1
+    more = key._replace(features=("causal", "dropout"))
+    assert t2.lookup(more) == t.lookup(more)
+    # omitted flags default to 0; a flag must be 0 or 1
+    assert t.lookup(key).USE_TMA == 0
+    e2 = dict(e, config=dict(e["config"], USE_TMA=2))
+    with pytest.raises(C.ConfigError, match="flag USE_TMA must be 0 or 1"):
+        C.Table("bad", dict(data, entries=data["entries"][:-1] + [e2]))
+
+
+def test_tuned_table_from_the_environment(tmp_path, monkeypatch):
+    """GPTFAST_ATTENTION_CONFIGS points the kernels at another table (a tuning run's)."""
+    data = raw("attention")
+    data["interpreter"]["fwd"]["BLOCK_M"] = 64
+    path = tmp_path / "tuned.json"
+    path.write_text(C.dump_table(data))
+    monkeypatch.setenv("GPTFAST_ATTENTION_CONFIGS", str(path))
+    C.load.cache_clear()
+    try:
+        assert C.table_path("attention") == path
+        assert C.load("attention").interpreter["fwd"].BLOCK_M == 64
+    finally:
+        monkeypatch.delenv("GPTFAST_ATTENTION_CONFIGS")
+        C.load.cache_clear()
+    assert C.load("attention").interpreter["fwd"].BLOCK_M == 32
+
+
 def test_kernel_config_is_read_only():
     cfg = C.load("attention").interpreter["fwd"]
-    assert cfg.BLOCK_M == 32 and cfg.blocks() == {"BLOCK_M": 32, "BLOCK_N": 16}
+    assert cfg.BLOCK_M == 32 and cfg.blocks() == {"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": 0,
+                                                   "WARP_SPECIALIZE": 0}
     with pytest.raises(AttributeError):
         cfg.BLOCK_M = 64
     with pytest.raises(AttributeError, match="has no 'BLOCK_V'"):
@@ -142,11 +204,12 @@ def test_launchers_look_up_their_key():
     buckets; without one (CPU, interpreter) they use the interpreter configs."""
     t = C.load("attention")
     flags = dict(IS_CAUSAL=True, HAS_WINDOW=False, HAS_ALIBI=False, HAS_KPM=False, HAS_DROPOUT=True)
+    flags["HAS_SOFTCAP"] = False
     feats = A._features(flags, deterministic=True)
     assert feats == ("causal", "dropout", "deterministic")
     with C.compile_target(H100):
-        got = A.get_config("bwd_kv", META, torch.bfloat16, 64, feats, (4096, 4096))
-        key = t.key("bwd_kv", H100, torch.bfloat16, 64, feats, (4096, 4096))
+        got = A.get_config("bwd", META, torch.bfloat16, 64, feats, (4096, 4096))
+        key = t.key("bwd", H100, torch.bfloat16, 64, feats, (4096, 4096))
         assert got == t.lookup(key) == t.best(key)[0].config
         assert CE._num_sms(META) == 132
         ce = CE._config("lce_bwd", META, torch.bfloat16, CE._on(bias=True, glse=False), (16384,))
@@ -170,7 +233,9 @@ def test_autotuner_is_keyed_like_the_tables():
             assert tuner(("causal", "dropout"), 4097) is not a
             assert a.keys == []
             assert all(A.keep(A.Config(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
-                                       c.num_stages), "fwd", 128, 2, (9, 0)) for c in a.configs)
+                                       c.num_stages, c.kwargs["USE_TMA"],
+                                       c.kwargs["WARP_SPECIALIZE"]), "fwd", 128, 2, (9, 0))
+                       for c in a.configs)
             assert len(a.configs) > 10
     finally:
         A._AUTOTUNED.clear()

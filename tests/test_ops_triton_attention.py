@@ -19,7 +19,8 @@ def poison_attention(monkeypatch):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(Hkv=1, padding=True), dict(Sq=9, alibi=True),
-                                dict(window=5, deterministic=True)], ids=str)
+                                dict(window=5, deterministic=True),
+                                dict(Hkv=1, softcap=2.0, deterministic=True)], ids=str)
 def test_attention_triton_through_the_public_api(kw, poison_attention):
     kw = dict(kw)
     B, Hq, Sq, Sk, d = 2, 2, kw.pop("Sq", 21), 21, 32
@@ -67,6 +68,12 @@ def test_opcheck_triton_attention_ops():
     torch.library.opcheck(ops.triton_attention_bwd,
                           (dout, torch.randn_like(lse), q, k, v, out, lse, None, None, None, True,
                            0.2, None, 0.0, True))
+    # softcap (the schema's last, optional argument)
+    torch.library.opcheck(ops.triton_attention_fwd, args + (3.0,))
+    out, lse = ops.triton_attention_fwd(*args, 3.0)
+    torch.library.opcheck(ops.triton_attention_bwd,
+                          (dout, torch.randn_like(lse), q, k, v, out, lse, None, None, None, True,
+                           0.2, None, 0.0, False, 3.0))
 
 
 @pytest.mark.filterwarnings("ignore:Input #.*double precision")
@@ -102,7 +109,7 @@ def test_gpt_model_attention_dispatches_to_triton_and_compiles():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(Hkv=1, padding=True, window=7),
-                                dict(alibi=True, deterministic=True)], ids=str)
+                                dict(alibi=True, deterministic=True), dict(softcap=3.0)], ids=str)
 def test_attention_triton_bf16_through_the_public_api(kw):
     """bf16 on backend="triton" (on CPU: the interpreter, made right for bf16 by gptfast):
     FlashAttention's rule against float64, with PyTorch's own bf16 eager attention as the
@@ -130,7 +137,7 @@ def test_attention_triton_bf16_through_the_public_api(kw):
     got = torch.autograd.grad([out, torch.where(lse.isfinite(), lse, 0.0)], leaves,
                               [g_out, g_lse])
 
-    ref_opts = dict(opts, softmax_scale=d ** -0.5)
+    ref_opts = dict(opts, softmax_scale=d ** -0.5, softcap=kw.get("softcap"))
     results = []
     for dt in (torch.float64, torch.bfloat16):  # the oracle, then PyTorch eager in bf16
         ls = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]

@@ -47,13 +47,15 @@ def test_quick_gate(tmp_path):
 
     # The runtime's typing, which a hand-written signature misses: dO's last stride is 1 (a
     # constant), pointers and multiples of 16 carry divisibility hints.
-    kv = row("_attn_bwd_dkdv", HEAD_DIM=128, IS_CAUSAL=True)
+    kv = row("_attn_bwd", HEAD_DIM=128, IS_CAUSAL=True)
     assert "stride_dok" in kv["specialization"]["constant_1"]
     assert {"Q", "K", "Sq", "Sk", "stride_qm"} <= set(kv["specialization"]["divisible_by_16"])
-    # ... and what it buys: the d=128 forward pipelines K/V with cp.async into 128 KiB of shared
-    # memory and runs its products on wgmma; the lean linear CE forward loads asynchronously.
+    # ... and what it buys: the d=128 forward pipelines K/V with cp.async (one K and one V tile
+    # per stage plus the Q tile in shared memory, 160 KiB for 128x128 tiles and 2 stages) and
+    # runs its products on wgmma; the lean linear CE forward loads asynchronously.
     fwd = row("_attn_fwd", HEAD_DIM=128, IS_CAUSAL=True)
-    assert fwd["shared"] == 128 * 1024
+    c = fwd["constexprs"]
+    assert fwd["shared"] == (c["num_stages"] * 2 * c["BLOCK_N"] + c["BLOCK_M"]) * 128 * 2
     loop = fwd["sass"]["main_loop"]
     assert loop["loads"].get("LDGSTS") and loop["tensor_core_kind"] == "wgmma"
     assert "_attn_fwd_inner" in loop["call_site"]
@@ -62,23 +64,39 @@ def test_quick_gate(tmp_path):
         assert r["registers"] and r["spill"] == [0, 0], r["kernel"]
 
 
-# Spills a committed table may still show, pinned so that a new one fails here. Triton 3.8: none.
-# Triton 3.6 (the GPU machines'): the table committed with this list found them, 4-164 B, all
-# with optional features on (dropout, ALiBi), none in a default configuration. The three sm_90a
-# bf16 forward ones have entries since (verified for those keys under 3.6 and 3.8; the table
-# shows it once regenerated); the others are open.
-KNOWN_SPILLS = {"3.6.0": {
-    ("sm_90a", "_attn_fwd", "bf16", 64, "alibi+causal"),
-    ("sm_90a", "_attn_fwd", "bf16", 64, "causal+dropout"),
+# Spills a committed table may still show, pinned so that a new one fails here: (arch, kernel,
+# dtype, head dim, features, "+tma" for the TMA variants). Measured on sm_90a with
+# `static_table.py --only` for the kernels of issue 11 (both Tritons alike): the GQA backward at
+# d=128 (the group loop; 280-300 B in every config tried), the TMA form of the d=128 atomic
+# backward (a variant, not committed), the d=256 backward (every config spills), dropout. The full
+# tables (sm_80, every feature) are regenerated after the merge: extend this list with what
+# they show, or fix it.
+_SM90_SPILLS = {
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+gqa"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+deterministic+gqa"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+tma"),
+    ("sm_90a", "_attn_bwd", "bf16", 256, "causal"),
+    ("sm_90a", "_attn_bwd", "bf16", 256, "causal+deterministic"),
+    # dropout (its own entries: 20-170 B left of 0.2-1.3 KB)
     ("sm_90a", "_attn_fwd", "bf16", 128, "causal+dropout"),
-    ("sm_90a", "_attn_fwd", "fp32", 64, "alibi+causal+dropout+kpm+window"),
-    ("sm_90a", "_attn_bwd_dkdv", "fp32", 128, "alibi+causal+dropout+kpm+window"),
-    ("sm_90a", "_attn_bwd_dq", "bf16", 256, "alibi+causal+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "bf16", 96, "alibi+causal+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "bf16", 128, "alibi+causal+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "fp32", 64, "alibi+causal+deterministic+dropout+kpm+window"),
-    ("sm_80", "_attn_bwd_dkdv", "fp32", 128, "alibi+causal+dropout+kpm+window"),
-}}
+    ("sm_90a", "_attn_bwd", "bf16", 64, "causal+dropout"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "causal+deterministic+dropout"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "causal+dropout"),
+    # every feature at once: 8-270 B (the forward spilled 6-7 KB on the default tiles)
+    ("sm_90a", "_attn_fwd", "bf16", 128, "alibi+causal+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "alibi+causal+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 64, "alibi+causal+deterministic+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "alibi+causal+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "bf16", 128, "alibi+causal+deterministic+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "fp32", 64, "alibi+causal+deterministic+dropout+kpm+softcap+window"),
+    ("sm_90a", "_attn_bwd", "fp32", 128, "alibi+causal+dropout+kpm+softcap+window"),
+}
+KNOWN_SPILLS = {"3.8.0": _SM90_SPILLS, "3.6.0": _SM90_SPILLS}
+
+
+def _spill_key(r):
+    return (r["arch"], r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM"),
+            "+".join(r["features"]) + ("+tma" if r["constexprs"].get("USE_TMA") else ""))
 
 
 @pytest.mark.parametrize("version", ["3.8.0", "3.6.0"])
@@ -94,8 +112,7 @@ def test_committed_tables(version):
     for arch in ("sm_90a", "sm_80"):
         compiled = {r["kernel"] for r in rows if r["arch"] == arch}
         assert set(_launched("attention") + _launched("cross_entropy")) <= compiled, arch
-    spilling = {(r["arch"], r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM"),
-                 "+".join(r["features"])) for r in rows if r["spill"] is None or any(r["spill"])}
+    spilling = {_spill_key(r) for r in rows if r["spill"] is None or any(r["spill"])}
     assert spilling <= KNOWN_SPILLS.get(version, set()), spilling - KNOWN_SPILLS.get(version, set())
     assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
 
@@ -123,8 +140,18 @@ def test_gate_rules():
     no_wgmma = {"tensor_core": {"HMMA": 8}, "tensor_core_kind": "mma.sync"}
     assert T.judge([_row(sass=no_wgmma)], [], strict=False)
     assert T.judge([_row(sass=no_wgmma, dtype="fp32")], [], strict=False) == []
-    known = _row(sass=no_wgmma, kernel="_attn_bwd_dq", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
-    assert T.judge([known], [], strict=False) == []
+    # No kernel is exempt any more (the d=256 dQ pass used to be): a listed exception passes.
+    d256 = _row(sass=no_wgmma, kernel="_attn_bwd", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
+    assert T.KNOWN_NO_WGMMA == {} and T.judge([d256], [], strict=False)
+    T.KNOWN_NO_WGMMA[("_attn_bwd", 256)] = "a test's exception"
+    try:
+        assert T.judge([d256], [], strict=False) == []
+    finally:
+        T.KNOWN_NO_WGMMA.clear()
+    # d=256 backward spills in every config tried: listed, so not a gate failure (--strict is)
+    bwd256 = _row(spill=[400, 552], kernel="_attn_bwd", constexprs={"HEAD_DIM": 256, "BLOCK_D": 256})
+    assert T.judge([bwd256], [], strict=False) == [] and T.judge([bwd256], [], strict=True)
+    assert T.judge([dict(bwd256, constexprs={"HEAD_DIM": 128, "BLOCK_D": 128})], [], strict=False)
     assert T.judge([_row(registers=None)], [], strict=False)  # no ptxas log: unknown, fails
     assert T._tile({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 128, "IS_CAUSAL": True}) == 8192
     assert T._site_label("attention.py:260 acc = f(  # interior: no mask math") == \

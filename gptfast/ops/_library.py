@@ -20,7 +20,10 @@ Conventions every implementation follows (the fakes below are the contract; opch
 Attention (q (B, Hq, Sq, d), k/v (B, Hkv, Sk, d), Hkv divides Hq; only the last dim needs to be
 contiguous; semantics in `gptfast.attention`'s docstring: causal mask aligned bottom-right,
 window W with causal, ALiBi slopes (Hq,) fp32, key_padding_mask (B, Sk) bool True = real key,
-seed (1,) int64 for dropout, drawn by the caller so backward regenerates the same mask):
+seed (1,) int64 for dropout, drawn by the caller so backward regenerates the same mask;
+softcap c > 0 or None: scores c * tanh(scale * q.k / c) before the ALiBi bias and the masks,
+as FlashAttention 2.6 and Gemma-2 do; last in both schemas, with a default, so callers that
+predate it need not pass it):
   attention_fwd -> out (B, Hq, Sq, d), lse (B, Hq, Sq) fp32 (-inf for a row that sees no key)
   attention_bwd -> dq, dk, dv (dk/dv summed over each query-head group); dlse may be None
 
@@ -52,13 +55,13 @@ _CE_OPTS = "int ignore_index, float label_smoothing, float z_loss, float? softca
 SCHEMAS = {
     "attention_fwd":
         "(Tensor q, Tensor k, Tensor v, Tensor? alibi_slopes, Tensor? key_padding_mask, "
-        "Tensor? seed, bool causal, float softmax_scale, int? window, float dropout_p) "
-        "-> (Tensor out, Tensor lse)",
+        "Tensor? seed, bool causal, float softmax_scale, int? window, float dropout_p, "
+        "float? softcap=None) -> (Tensor out, Tensor lse)",
     "attention_bwd":
         "(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? alibi_slopes, Tensor? key_padding_mask, Tensor? seed, bool causal, "
-        "float softmax_scale, int? window, float dropout_p, bool deterministic) "
-        "-> (Tensor dq, Tensor dk, Tensor dv)",
+        "float softmax_scale, int? window, float dropout_p, bool deterministic, "
+        "float? softcap=None) -> (Tensor dq, Tensor dk, Tensor dv)",
     "cross_entropy_fwd":
         f"(Tensor logits, Tensor targets, {_CE_OPTS}) -> (Tensor loss_rows, Tensor lse)",
     "cross_entropy_bwd":
@@ -100,13 +103,13 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fake_attention_fwd(q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale,
-                        window, dropout_p):
+                        window, dropout_p, softcap=None):
     B, H, S, d = q.shape
     return q.new_empty((B, H, S, d)), q.new_empty((B, H, S), dtype=torch.float32)
 
 
 def _fake_attention_bwd(dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed,
-                        causal, softmax_scale, window, dropout_p, deterministic):
+                        causal, softmax_scale, window, dropout_p, deterministic, softcap=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 

@@ -36,18 +36,20 @@ def _ce():
 # ---- attention --------------------------------------------------------------------------------
 
 def attention_fwd(q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale, window,
-                  dropout_p):
+                  dropout_p, softcap=None):
     return _attn().attention_forward(
         q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
-        window=window, key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed)
+        window=window, key_padding_mask=key_padding_mask, dropout_p=dropout_p, seed=seed,
+        softcap=softcap)
 
 
 def attention_bwd(dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed, causal,
-                  softmax_scale, window, dropout_p, deterministic):
+                  softmax_scale, window, dropout_p, deterministic, softcap=None):
     return _attn().attention_backward(
         dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
         alibi_slopes=alibi_slopes, window=window, key_padding_mask=key_padding_mask,
-        dropout_p=dropout_p, seed=seed, dlse=dlse, deterministic=deterministic)
+        dropout_p=dropout_p, seed=seed, dlse=dlse, deterministic=deterministic,
+        softcap=softcap)
 
 
 # ---- cross-entropy over logits ------------------------------------------------------------------

@@ -52,15 +52,19 @@ def _triton_support(f: Facts) -> Optional[str]:
     from gptfast.kernels import attention as kern
     if f.dtype not in kern.DTYPES:
         return f"dtype {f.dtype} is not supported (supported: {kern.DTYPES})"
-    d = f.head_dim
-    if d not in kern.HEAD_DIMS_FWD:
-        return f"head dim {d} is not supported (supported: {kern.HEAD_DIMS_FWD})"
+    if not kern.head_dim_supported(f.head_dim):
+        return (f"head dim {f.head_dim} is not supported (supported: every multiple of 8 from "
+                f"8 to 256)")
     if f.span_bits > 31:
         return "a (batch, head) slice spans 2**31 elements or more (32-bit offsets inside it)"
-    if f.needs_grad and d not in kern.HEAD_DIMS_BWD:
-        return (f"head dim {d} has no backward kernel (backward supports {kern.HEAD_DIMS_BWD});"
-                f" forward-only use (torch.no_grad) is supported")
     return None
+
+
+def head_dim_supported(d: int) -> bool:
+    """Whether the fused kernels take head dim `d` (forward and backward): every multiple of 8
+    from 8 to 256. Pure arithmetic, no Triton import (what `gptfast info` and `explain` use to
+    say which path a model preset takes on a GPU)."""
+    return 8 <= d <= 256 and d % 8 == 0
 
 
 backends.register_support(OP, "triton", _triton_support)
@@ -109,32 +113,33 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale,
-                window, dropout_p, deterministic, backend):
+                window, dropout_p, deterministic, backend, softcap):
         out, lse = kernel(backend, "attention_fwd", q, k, v)(
             q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale, window,
-            dropout_p)
+            dropout_p, softcap)
         ctx.set_materialize_grads(False)  # an unused output (often lse) gets None, not zeros
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, key_padding_mask, seed)
-        ctx.args = (causal, softmax_scale, window, dropout_p, deterministic, backend)
+        ctx.args = (causal, softmax_scale, window, dropout_p, deterministic, backend, softcap)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         if dout is None and dlse is None:  # neither output was used
-            return (None,) * 12
+            return (None,) * 13
         q, k, v, out, lse, alibi_slopes, key_padding_mask, seed = ctx.saved_tensors
-        causal, softmax_scale, window, dropout_p, deterministic, backend = ctx.args
+        causal, softmax_scale, window, dropout_p, deterministic, backend, softcap = ctx.args
         if dout is None:  # only lse was used
             dout = torch.zeros_like(out)
         dq, dk, dv = kernel(backend, "attention_bwd", dout, q)(
             dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed, causal,
-            softmax_scale, window, dropout_p, deterministic)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+            softmax_scale, window, dropout_p, deterministic, softcap)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 # ---- public function ----------------------------------------------------------------------------
 
-def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask, dropout_p):
+def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask, dropout_p,
+           softcap):
     """Every argument check, on metadata only; returns the device. Each `if` tests the common
     case in one expression and only on failure calls the helpers that name the culprit."""
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
@@ -186,14 +191,18 @@ def _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mas
                              f"{tuple(key_padding_mask.shape)}")
     if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
         check_range("dropout_p", float(dropout_p), 0.0, 1.0, hi_open=True)
+    if softcap is not None and not (isinstance(softcap, (int, float))
+                                    and not isinstance(softcap, bool)
+                                    and math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap: expected a positive finite float or None, got {softcap!r}")
     return device
 
 
 def _plan(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window=None,
           key_padding_mask=None, dropout_p=0.0, deterministic=False, return_lse=False,
-          backend="auto"):
+          backend="auto", softcap=None):
     device = _check(q, k, v, causal, softmax_scale, alibi_slopes, window, key_padding_mask,
-                    dropout_p)
+                    dropout_p, softcap)
     if autocast_on():
         q, k, v = follow_autocast(device, q, k, v)
     dtype = q.dtype
@@ -208,7 +217,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
               softmax_scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
               window: Optional[int] = None, key_padding_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, deterministic: bool = False, return_lse: bool = False,
-              backend: str = "auto"):
+              softcap: Optional[float] = None, backend: str = "auto"):
     """Scaled dot-product attention, fused (FlashAttention-style) where a kernel can run it.
 
     Arguments:
@@ -216,7 +225,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
             `F.scaled_dot_product_attention`. Hkv must divide Hq (grouped-query / multi-query
             attention: query head h reads key/value head h // (Hq // Hkv)). fp16, bf16, fp32
             (fp64 on the "torch" backend). Only the last dim needs to be contiguous: q, k, v may
-            be transposed slices of one fused QKV projection. Precision: the kernels' dots take
+            be transposed slices of one fused QKV projection. d: the kernels take every
+            multiple of 8 up to 256 (padded inside the tiles). Precision: the kernels' dots take
             fp16/bf16 operands and accumulate in fp32, softmax statistics are fp32; fp32 inputs
             get true fp32 dots (IEEE, not TF32: exact but several times slower than bf16).
         causal: mask future keys. When Sq != Sk the mask is aligned to the bottom-right corner,
@@ -231,13 +241,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                 1 0
                 1 1
         softmax_scale: multiplies q @ k^T; default 1 / sqrt(d).
+        softcap: c > 0 caps the scores smoothly to (-c, c): score = c * tanh(softmax_scale *
+            q.k / c), before ALiBi and the masks (Gemma-2's attn_logit_softcapping,
+            FlashAttention's softcap). Differentiable; None (default) leaves scores linear.
         alibi_slopes: (Hq,) fp32; adds -slope_h * |i + Sk - Sq - j| to each scaled score (BLOOM).
         window: W; query i sees only keys i + Sk - Sq - W < j <= i + Sk - Sq (local
             attention; needs causal=True).
         key_padding_mask: (B, Sk) bool, True where a key is real (left or right padding).
         dropout_p: attention-probability dropout, applied whenever > 0 (pass 0.0 in eval).
         deterministic: backward without atomics, bitwise reproducible (kernel backends).
-        return_lse: also return the log-sum-exp (B, Hq, Sq) fp32 of the scaled scores over the
+        return_lse: also return the log-sum-exp (B, Hq, Sq) fp32 of the scores over the
             visible keys (natural log; -inf for a row that sees no key).
         backend: "auto" | "cuda" | "triton" | "torch"; see `gptfast.explain`.
 
@@ -247,13 +260,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     decision, (q, k, v), needs_grad = _plan(
         q, k, v, causal=causal, softmax_scale=softmax_scale, alibi_slopes=alibi_slopes,
         window=window, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-        deterministic=deterministic, return_lse=return_lse, backend=backend)
+        deterministic=deterministic, return_lse=return_lse, backend=backend, softcap=softcap)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cap = float(softcap) if softcap is not None else None
     if decision.backend == "torch":
         out, lse = reference.attention_torch(q, k, v, causal=causal, softmax_scale=scale,
                                              alibi_slopes=alibi_slopes, window=window,
                                              key_padding_mask=key_padding_mask,
-                                             dropout_p=dropout_p, return_lse=return_lse)
+                                             dropout_p=dropout_p, return_lse=return_lse,
+                                             softcap=cap)
         return (out, lse) if return_lse else out
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # The kernels stream rows of d contiguous elements; anything else is rare enough
@@ -272,10 +287,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         mask = mask.contiguous()
     if needs_grad:
         out, lse = _Attention.apply(q, k, v, slopes, mask, seed, causal, scale, window,
-                                    float(dropout_p), bool(deterministic), decision.backend)
+                                    float(dropout_p), bool(deterministic), decision.backend, cap)
     else:  # inference (or nothing requires grad): no autograd node at all
         out, lse = kernel(decision.backend, "attention_fwd", q, k, v)(
-            q, k, v, slopes, mask, seed, causal, scale, window, float(dropout_p))
+            q, k, v, slopes, mask, seed, causal, scale, window, float(dropout_p), cap)
     return (out, lse) if return_lse else out
 
 
@@ -285,7 +300,7 @@ def _explain(q, k, v, **kw) -> backends.Decision:
     decision, (q, k, v), _ = _plan(q, k, v, **kw)
     return dataclasses.replace(decision, torch_path=reference.attention_torch_path(
         q, alibi_slopes=kw.get("alibi_slopes"), dropout_p=kw.get("dropout_p", 0.0),
-        return_lse=kw.get("return_lse", False)))
+        return_lse=kw.get("return_lse", False), softcap=kw.get("softcap")))
 
 
 backends.register_planner(OP, _explain)

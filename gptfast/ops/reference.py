@@ -65,11 +65,13 @@ def alibi_bias(slopes: Tensor, Sq: int, Sk: int, dtype: torch.dtype) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
               softmax_scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
               window: Optional[int] = None, key_padding_mask: Optional[Tensor] = None,
-              dropout_p: float = 0.0, dropout_mask: Optional[Tensor] = None):
+              dropout_p: float = 0.0, dropout_mask: Optional[Tensor] = None,
+              softcap: Optional[float] = None):
     """Reference attention. Returns (out, lse); differentiable through both.
 
     q (B, Hq, Sq, d), k/v (B, Hkv, Sk, d). `dropout_mask` (B, Hq, Sq, Sk) bool (True = keep)
-    replaces the random mask, so tests can reproduce a kernel's dropout exactly.
+    replaces the random mask, so tests can reproduce a kernel's dropout exactly. `softcap` c:
+    scores c * tanh(scale * q.k / c), before ALiBi and the masks.
     lse (B, Hq, Sq) fp32 (fp64 for fp64 input); -inf for a row that sees no key.
     """
     B, Hq, Sq, d = q.shape
@@ -81,6 +83,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
         v = v.repeat_interleave(Hq // Hkv, dim=1)
 
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if alibi_slopes is not None:
         scores = scores + alibi_bias(alibi_slopes, Sq, Sk, acc)
     visible = attention_visibility(Sq, Sk, causal=causal, window=window,
@@ -122,7 +126,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
 # and exactly zero gradients (its upstream gradient is zero, so is the softmax's), whatever
 # the kernel would do with a fully masked row.
 # Kept on `attention`: dropout (gptfast's own mask and seed), return_lse (the kernel's lse has
-# no gradient), trainable ALiBi slopes, and tensors that are not on the CPU.
+# no gradient), trainable ALiBi slopes, the score softcap (not expressible as a bias: SDPA
+# has none), and tensors that are not on the CPU.
 
 
 def sdpa_cpu_kernel(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor],
@@ -167,11 +172,13 @@ def _probe_sdpa_cpu_gqa() -> bool:
 
 
 def sdpa_unsupported(q: Tensor, *, alibi_slopes: Optional[Tensor], dropout_p: float,
-                     return_lse: bool) -> Optional[str]:
+                     return_lse: bool, softcap: Optional[float] = None) -> Optional[str]:
     """None when `attention_torch` runs these inputs on PyTorch's fused SDPA CPU kernel, else
     a sentence saying why the plain reference runs them (and materializes the S x S scores)."""
     if q.device.type != "cpu":
         return f"{q.device.type} tensors (the fused SDPA path is the CPU's)"
+    if softcap is not None:
+        return "softcap (SDPA has no score softcap)"
     if dropout_p > 0.0:
         return "dropout_p > 0 (gptfast's dropout mask and seed are not SDPA's)"
     if return_lse:
@@ -182,10 +189,11 @@ def sdpa_unsupported(q: Tensor, *, alibi_slopes: Optional[Tensor], dropout_p: fl
 
 
 def attention_torch_path(q: Tensor, *, alibi_slopes: Optional[Tensor] = None,
-                         dropout_p: float = 0.0, return_lse: bool = False) -> str:
+                         dropout_p: float = 0.0, return_lse: bool = False,
+                         softcap: Optional[float] = None) -> str:
     """What `attention_torch` runs for these inputs, in words (for `gptfast.explain`)."""
     why = sdpa_unsupported(q, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                           return_lse=return_lse)
+                           return_lse=return_lse, softcap=softcap)
     if why is None:
         return "PyTorch's fused SDPA CPU kernel (no S x S scores)"
     return f"the plain reference, which materializes the S x S scores: {why}"
@@ -194,15 +202,17 @@ def attention_torch_path(q: Tensor, *, alibi_slopes: Optional[Tensor] = None,
 def attention_torch(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
                     softmax_scale: Optional[float] = None, alibi_slopes: Optional[Tensor] = None,
                     window: Optional[int] = None, key_padding_mask: Optional[Tensor] = None,
-                    dropout_p: float = 0.0, return_lse: bool = False):
+                    dropout_p: float = 0.0, return_lse: bool = False,
+                    softcap: Optional[float] = None):
     """The "torch" backend: `attention`'s semantics, on PyTorch's fused SDPA CPU kernel where
     `sdpa_unsupported` allows, else `attention` itself. Returns (out, lse); lse is None on the
     SDPA path (it is computed only for return_lse=True)."""
     if sdpa_unsupported(q, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                        return_lse=return_lse) is not None:
+                        return_lse=return_lse, softcap=softcap) is not None:
         return attention(q, k, v, causal=causal, softmax_scale=softmax_scale,
                          alibi_slopes=alibi_slopes, window=window,
-                         key_padding_mask=key_padding_mask, dropout_p=dropout_p)
+                         key_padding_mask=key_padding_mask, dropout_p=dropout_p,
+                         softcap=softcap)
     B, Hq, Sq, d = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
