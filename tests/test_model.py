@@ -63,6 +63,15 @@ def test_presets_shapes():
     assert get_config("tiny", vocab_size=300).vocab_size == 300
 
 
+def test_every_preset_takes_the_fused_attention_kernels():
+    """On a GPU every preset's head dim runs on the fused Triton kernels (GPT-3 2.7B's and
+    BLOOM-3B's 80, GPT-3 760M's 96 included), not the reference."""
+    from gptfast.ops.attention import head_dim_supported
+    dims = {name: get_config(name).head_size for name in PRESETS}
+    assert {dims["gpt3-2.7b"], dims["gpt3-760m"], dims["gpt2-xl"]} == {80, 96, 64}
+    assert [name for name, d in dims.items() if not head_dim_supported(d)] == []
+
+
 def test_unknown_preset_lists_names():
     with pytest.raises(ValueError, match="gpt2-medium") as e:
         get_config("gpt5")
