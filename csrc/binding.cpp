@@ -826,6 +826,35 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(
                             seed, causal, softmax_scale, window, dropout_p, deterministic, nullptr);
 }
 
+// The registered ops take the schema's softcap, which these kernels do not implement: a capped
+// call is refused by name (gptfast.attention's support check refuses it before it gets here).
+void refuse_softcap(const char* op, const std::optional<double>& softcap) {
+  TORCH_CHECK(!softcap.has_value(), op, ": softcap: not supported by the CUDA kernels, got ",
+              softcap.value_or(0.0), " (backend='triton' or 'torch' has it)");
+}
+
+std::tuple<Tensor, Tensor> attention_fwd_op(const Tensor& q, const Tensor& k, const Tensor& v,
+                                            const std::optional<Tensor>& alibi_slopes,
+                                            const std::optional<Tensor>& key_padding_mask,
+                                            const std::optional<Tensor>& seed, bool causal,
+                                            double softmax_scale, std::optional<int64_t> window,
+                                            double dropout_p, std::optional<double> softcap) {
+  refuse_softcap("cuda_attention_fwd", softcap);
+  return attention_fwd(q, k, v, alibi_slopes, key_padding_mask, seed, causal, softmax_scale,
+                       window, dropout_p);
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd_op(
+    const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q, const Tensor& k,
+    const Tensor& v, const Tensor& out, const Tensor& lse, const std::optional<Tensor>& alibi_slopes,
+    const std::optional<Tensor>& key_padding_mask, const std::optional<Tensor>& seed, bool causal,
+    double softmax_scale, std::optional<int64_t> window, double dropout_p, bool deterministic,
+    std::optional<double> softcap) {
+  refuse_softcap("cuda_attention_bwd", softcap);
+  return attention_bwd(dout, dlse, q, k, v, out, lse, alibi_slopes, key_padding_mask, seed,
+                       causal, softmax_scale, window, dropout_p, deterministic);
+}
+
 // The atomic backward's fp32 dQ accumulator (before it is rounded to q's dtype), for the tests
 // that show its additions follow the block order.
 Tensor attention_dq_accum(const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& q,
@@ -1095,8 +1124,8 @@ TORCH_LIBRARY_IMPL(gptfast, GF_DISPATCH_KEY, m) {
   m.impl("cuda_linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
   m.impl("cuda_linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
   m.impl("cuda_linear_cross_entropy_fwd_grad", &linear_cross_entropy_fwd_grad);
-  m.impl("cuda_attention_fwd", &attention_fwd);
-  m.impl("cuda_attention_bwd", &attention_bwd);
+  m.impl("cuda_attention_fwd", &attention_fwd_op);
+  m.impl("cuda_attention_bwd", &attention_bwd_op);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -85,3 +85,14 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_scal
         assert keep is not None
         p = torch.where(keep.to(q.device), p / (1.0 - dropout_p), torch.zeros((), dtype=dtype, device=q.device))
     return p @ v, lse
+
+
+def attention_grads(out: Tensor, lse: Tensor, leaves, do: Tensor, dlse: Optional[Tensor],
+                    dtype: torch.dtype):
+    """Gradients of (out, lse) with respect to `leaves` for upstream gradients do and, when
+    given, dlse, both cast to `dtype` (the reference's float64 or the eager run's dtype)."""
+    outs, gouts = [out], [do.to(dtype)]
+    if dlse is not None:
+        outs.append(lse)
+        gouts.append(dlse.to(dtype))
+    return torch.autograd.grad(outs, leaves, gouts)

@@ -15,7 +15,7 @@ fp32 dQ accumulator is shown to depend on the block order (the control)."""
 import pytest
 import torch
 
-from _attention_ref import attention_ref, padding_mask
+from _attention_ref import attention_grads, attention_ref, padding_mask
 from _cuda_sim import ORDERS, bits_equal, sim, under_orders
 from _tolerance import assert_rule
 from gptfast import cuda_sim
@@ -80,15 +80,8 @@ def run_case(*, B=1, Hq=2, Hkv=None, Sq=37, Sk=53, d=64, dtype=torch.bfloat16, c
         lambda: m.attention_bwd(do, dlse_t, q, k, v, out, lse, *args, deterministic),
         orders=orders, exact=deterministic, atol=4 * GRAD_ATOL[dtype], rtol=0.0)
 
-    def _grads(o, l, leaves, dt):
-        outs, gouts = [o], [do.to(dt)]
-        if dlse:
-            outs.append(l)
-            gouts.append(dlse_t.to(dt))
-        return torch.autograd.grad(outs, leaves, gouts)
-
-    ref_g = _grads(ref_o, ref_l, leaves64, torch.float64)
-    eag_g = _grads(eag_o, eag_l, leaves_eager, dtype)
+    ref_g = attention_grads(ref_o, ref_l, leaves64, do, dlse_t, torch.float64)
+    eag_g = attention_grads(eag_o, eag_l, leaves_eager, do, dlse_t, dtype)
     for name, g, t, r, e in zip(("dq", "dk", "dv"), grads, (q, k, v), ref_g, eag_g):
         assert g.shape == t.shape and g.dtype == t.dtype and g.is_contiguous(), name
         assert_rule(name, g, r, e, 3, GRAD_ATOL[dtype])
@@ -320,6 +313,7 @@ def test_gptfast_attention_cuda_dropout_is_reproducible_from_torch_manual_seed()
 def test_cuda_backend_refuses_what_its_kernels_do_not_support():
     import gptfast
     from gptfast.ops.backends import BackendError
+    sim()  # the CPU layer registers the ops' CPU implementations
     x = torch.randn(1, 2, 8, 64)
     with pytest.raises(BackendError, match="mma.sync.*no fp32 form.*TF32"):
         gptfast.attention(x, x, x, backend="cuda")
@@ -334,6 +328,16 @@ def test_cuda_backend_refuses_what_its_kernels_do_not_support():
     z = torch.randn(1, 2, 8, 64).half()
     with pytest.raises(RuntimeError, match="seed: dropout_p > 0 needs a seed"):
         torch.ops.gptfast.cuda_attention_fwd(z, z, z, None, None, None, True, 0.1, None, 0.5)
+    # softcap (in the shared schema for the Triton kernels) is refused by name at both levels.
+    with pytest.raises(BackendError, match="softcap is not supported by these kernels"):
+        gptfast.attention(z, z, z, softcap=20.0, backend="cuda")
+    with pytest.raises(RuntimeError, match="cuda_attention_fwd: softcap: not supported"):
+        torch.ops.gptfast.cuda_attention_fwd(z, z, z, None, None, None, True, 0.1, None, 0.0,
+                                             20.0)
+    lse = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="cuda_attention_bwd: softcap: not supported"):
+        torch.ops.gptfast.cuda_attention_bwd(z, None, z, z, z, z, lse, None, None, None, True, 0.1,
+                                             None, 0.0, False, 20.0)
     # "auto" runs what it can run elsewhere; the CPU layer is never its choice.
     d = gptfast.explain(gptfast.attention, z, z, z)
     assert d.reasons["cuda"] is None and d.backend != "cuda"

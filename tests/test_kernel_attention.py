@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 
 from gptfast.kernels import attention as A  # noqa: E402
 
-from _attention_ref import attention_ref, padding_mask as _padding_mask  # noqa: E402
+from _attention_ref import (attention_grads, attention_ref,  # noqa: E402
+                            padding_mask as _padding_mask)
 from _tolerance import assert_rule as _assert_rule  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
@@ -97,15 +98,8 @@ def run_case(*, B=1, Hq=2, Hkv=None, Sq=64, Sk=64, d=32, dtype=torch.float32, ca
     grads = A.attention_backward(do, q, k, v, out, lse, **opts, seed=seed_t, dlse=dlse_t,
                                  deterministic=deterministic)
 
-    def _grads(o, lse_, leaves, dt):
-        outs, gouts = [o], [do.to(dt)]
-        if dlse:
-            outs.append(lse_)
-            gouts.append(dlse_t.to(dt))
-        return torch.autograd.grad(outs, leaves, gouts)
-
-    ref_g = _grads(ref_o, ref_l, leaves64, torch.float64)
-    eag_g = _grads(eag_o, eag_l, leaves_eager, dtype)
+    ref_g = attention_grads(ref_o, ref_l, leaves64, do, dlse_t, torch.float64)
+    eag_g = attention_grads(eag_o, eag_l, leaves_eager, do, dlse_t, dtype)
     for name, g, t, r, e in zip(("dq", "dk", "dv"), grads, (q, k, v), ref_g, eag_g):
         assert g.shape == t.shape and g.dtype == t.dtype, (name, g.shape, g.dtype)
         _assert_rule(name, g, r, e, 3, GRAD_ATOL[dtype])

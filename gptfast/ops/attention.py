@@ -37,15 +37,16 @@ class Facts(NamedTuple):
     head_dim: int
     needs_grad: bool
     span_bits: int  # bit length of the largest (batch, head) slice span, in elements
+    softcap: bool = False  # scores capped (softcap=c): not every backend has it
 
 
-def facts(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool) -> Facts:
+def facts(q: Tensor, k: Tensor, v: Tensor, needs_grad: bool, softcap: bool = False) -> Facts:
     # The span of a (batch, head) slice is its last element's offset + 1 (the kernels index
     # inside a slice with 32-bit offsets: kernels/attention.py `head_span`); the widest counts.
     d = q.shape[3]
     span = max((q.shape[2] - 1) * q.stride(2), (k.shape[2] - 1) * k.stride(2),
                (v.shape[2] - 1) * v.stride(2)) + d
-    return Facts(q.dtype, d, needs_grad, span.bit_length())
+    return Facts(q.dtype, d, needs_grad, span.bit_length(), softcap)
 
 
 def _triton_support(f: Facts) -> Optional[str]:
@@ -76,14 +77,13 @@ CUDA_HEAD_DIMS = (64, 96, 128)
 
 def _cuda_support(f: Facts) -> Optional[str]:
     """The CUDA C++ kernels (csrc/attention/): FlashAttention-2 on mma.sync tiles."""
-    if f.dtype == torch.float32:
-        return ("float32 is not supported: these kernels are built on mma.sync, which has no "
-                "fp32 form, and gptfast does not silently use TF32 (use fp16/bf16, or "
-                "backend='triton' / 'torch')")
-    if f.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {f.dtype} is not supported (fp16, bf16)"
+    problem = backends.mma_sync_dtype_problem(f.dtype)
+    if problem is not None:
+        return problem
     if f.head_dim not in CUDA_HEAD_DIMS:
         return f"head dim {f.head_dim} is not supported (supported: {CUDA_HEAD_DIMS})"
+    if f.softcap:
+        return "softcap is not supported by these kernels (backend='triton' or 'torch' has it)"
     return None
 
 
@@ -210,7 +210,8 @@ def _plan(q, k, v, *, causal=True, softmax_scale=None, alibi_slopes=None, window
         check_same_dtype(q=q, k=k, v=v)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                               or v.requires_grad)
-    return backends.choose(OP, backend, device, facts(q, k, v, needs_grad)), (q, k, v), needs_grad
+    return (backends.choose(OP, backend, device, facts(q, k, v, needs_grad, softcap is not None)),
+            (q, k, v), needs_grad)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,

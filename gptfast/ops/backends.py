@@ -185,6 +185,17 @@ def cuda_unavailable(device: torch.device) -> Optional[str]:
     return None
 
 
+def mma_sync_dtype_problem(dtype: torch.dtype) -> Optional[str]:
+    """Why the CUDA C++ tensor-core kernels (mma.sync tiles) cannot take `dtype`, or None."""
+    if dtype == torch.float32:
+        return ("float32 is not supported: these kernels are built on mma.sync, which has no "
+                "fp32 form, and gptfast does not silently use TF32 (use fp16/bf16, or "
+                "backend='triton' / 'torch')")
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {dtype} is not supported (fp16, bf16)"
+    return None
+
+
 _cuda_sim_module = None
 
 

@@ -68,13 +68,7 @@ def _cuda_support(f: Facts) -> Optional[str]:
 
 def _cuda_linear_support(f: Facts) -> Optional[str]:
     """The CUDA C++ linear kernels (csrc/cross_entropy/linear_cross_entropy.cu): mma.sync tiles."""
-    if f.dtype == torch.float32:
-        return ("float32 is not supported: these kernels are built on mma.sync, which has no "
-                "fp32 form, and gptfast does not silently use TF32 (use fp16/bf16, or "
-                "backend='triton' / 'torch')")
-    if f.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {f.dtype} is not supported (fp16, bf16)"
-    return None
+    return backends.mma_sync_dtype_problem(f.dtype)
 
 
 backends.register_support("cross_entropy", "cuda", _cuda_support)
