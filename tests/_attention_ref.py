@@ -96,3 +96,15 @@ def attention_grads(out: Tensor, lse: Tensor, leaves, do: Tensor, dlse: Optional
         outs.append(lse)
         gouts.append(dlse.to(dtype))
     return torch.autograd.grad(outs, leaves, gouts)
+
+
+def attention_references(q: Tensor, k: Tensor, v: Tensor, *, keep: Optional[Tensor],
+                         dtype: torch.dtype, **opts):
+    """The float64 reference and the same math in `dtype` (PyTorch's own precision, the
+    tolerance rule's yardstick), each on fresh leaves that take gradients:
+    (leaves64, leaves_eager, (out64, lse64), (out_eager, lse_eager))."""
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    leaves_eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    return (leaves64, leaves_eager,
+            attention_ref(*leaves64, **opts, keep=keep, dtype=torch.float64),
+            attention_ref(*leaves_eager, **opts, keep=keep, dtype=dtype))

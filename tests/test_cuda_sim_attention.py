@@ -15,7 +15,7 @@ fp32 dQ accumulator is shown to depend on the block order (the control)."""
 import pytest
 import torch
 
-from _attention_ref import attention_grads, attention_ref, padding_mask
+from _attention_ref import attention_grads, attention_ref, attention_references, padding_mask
 from _cuda_sim import ORDERS, bits_equal, sim, under_orders
 from _tolerance import assert_rule
 from gptfast import cuda_sim
@@ -63,10 +63,8 @@ def run_case(*, B=1, Hq=2, Hkv=None, Sq=37, Sk=53, d=64, dtype=torch.bfloat16, c
     out, lse = under_orders(lambda: m.attention_fwd(q, k, v, *args), orders=orders)
     assert out.dtype == dtype and out.shape == (B, Hq, Sq, d) and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    leaves_eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_o, ref_l = attention_ref(*leaves64, **opts, keep=keep, dtype=torch.float64)
-    eag_o, eag_l = attention_ref(*leaves_eager, **opts, keep=keep, dtype=dtype)
+    leaves64, leaves_eager, (ref_o, ref_l), (eag_o, eag_l) = attention_references(
+        q, k, v, keep=keep, dtype=dtype, **opts)
     assert_rule("out", out, ref_o, eag_o, 2, ATOL[dtype])
     assert_rule("lse", lse, ref_l, eag_l.float(), 2, ATOL[dtype])
 

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 from gptfast.kernels import attention as A  # noqa: E402
 
-from _attention_ref import (attention_grads, attention_ref,  # noqa: E402
+from _attention_ref import (attention_grads, attention_references,  # noqa: E402
                             padding_mask as _padding_mask)
 from _tolerance import assert_rule as _assert_rule  # noqa: E402
 
@@ -81,10 +81,8 @@ def run_case(*, B=1, Hq=2, Hkv=None, Sq=64, Sk=64, d=32, dtype=torch.float32, ca
     assert out.dtype == dtype and out.shape == (B, Hq, Sq, d) and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
 
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    leaves_eager = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_o, ref_l = attention_ref(*leaves64, **opts, keep=keep, dtype=torch.float64)
-    eag_o, eag_l = attention_ref(*leaves_eager, **opts, keep=keep, dtype=dtype)
+    leaves64, leaves_eager, (ref_o, ref_l), (eag_o, eag_l) = attention_references(
+        q, k, v, keep=keep, dtype=dtype, **opts)
     _assert_rule("out", out, ref_o, eag_o, 2, ATOL[dtype])
     _assert_rule("lse", lse, ref_l, eag_l.float(), 2, ATOL[dtype])
     if not backward:
