@@ -280,6 +280,20 @@ def _slice_source(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
+def _group_source(base, GROUP, stride_head, n_rows, stride_row, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, USE_TMA: tl.constexpr):
+    """`_slice_source` for the GROUP heads of a GQA group starting at `base`: a 3-D tensor
+    descriptor [GROUP, n_rows, HEAD_DIM] loaded one head's tile at a time (USE_TMA), or the
+    pointer (the caller adds the head offset)."""
+    if USE_TMA:
+        return tl.make_tensor_descriptor(base, shape=[GROUP, n_rows, HEAD_DIM],
+                                         strides=[stride_head, stride_row, 1],
+                                         block_shape=[1, BLOCK, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
 def _scores(s, qk_scale, cap_scale, softcap2, slope2, rows, cols, offset,
             HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Raw q.k products -> scores in base-2 units (log2(e) folded in), with the softcap
@@ -495,43 +509,78 @@ def _attn_bwd_preprocess(OUT, DO, DLSE, DELTA, DQ_ACC,
 
 
 @triton.jit
-def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
-                       stride_qm, stride_dom, stride_dok, stride_dqm,
-                       seed, bh, slope2, offs_n, offs_d, Sq, Sk, window, qk_scale, cap_scale,
-                       softcap2, softmax_scale, dropout_p, drop_scale, tile_lo, tile_hi,
-                       MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh, SLOPESh,
+                       stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh,
+                       stride_dqm, seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale,
+                       cap_scale, softcap2, softmax_scale, dropout_p, drop_scale, tile_lo,
+                       tile_hi, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                       HAS_GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """Walk query tiles [tile_lo, tile_hi) for one key tile and one query head.
+    """Walk query tiles [tile_lo, tile_hi) for one key tile, for each of the GROUP query heads
+    that share it (GQA; the sources point at the group's first head).
 
-    Works on transposed (key, query) tiles so P^T and dS^T feed the dK/dV dots directly:
-    every chained product has the key tile's BLOCK_N rows (the warps split them, none is
-    computed twice)."""
+    One flat loop over (head, tile) rather than a loop over heads around the tile loop: the
+    nest kept more state live across its inner loops and spilled at d=128 (280-300 B in every
+    config tried). Works on transposed (key, query) tiles so P^T and dS^T feed the dK/dV dots
+    directly: every chained product has the key tile's BLOCK_N rows (the warps split them,
+    none is computed twice)."""
     offset = Sk - Sq
     d_mask = offs_d < HEAD_DIM
-    for start_m in range(tile_lo * BLOCK_M, tile_hi * BLOCK_M, BLOCK_M):
+    n_tiles = tile_hi - tile_lo
+    n_iter = n_tiles
+    if HAS_GQA:
+        n_iter = GROUP * n_tiles
+    for it in range(0, n_iter):
+        q_g = q_src
+        do_g = do_src
+        dq_g = DQh
+        lse_g = LSEh
+        delta_g = DELTAh
+        bh = bh0
+        i = it
+        if HAS_GQA:
+            g = it // n_tiles  # the group's head, tile i of its range
+            i = it - g * n_tiles
+            bh = bh0 + g
+            lse_g = LSEh + g.to(tl.int64) * Sq
+            delta_g = DELTAh + g.to(tl.int64) * Sq
+            dq_g = DQh + g.to(tl.int64) * stride_dqh
+            if not USE_TMA:
+                q_g = q_src + g.to(tl.int64) * stride_qh
+                do_g = do_src + g.to(tl.int64) * stride_doh
+        start_m = (tile_lo + i) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_in = offs_m < Sq
-        qT = _rows(q_src, start_m, Sq, stride_qm, offs_d, MASKED, True, HEAD_DIM, BLOCK_D,
-                   BLOCK_M, USE_TMA)                                        # (BLOCK_D, BLOCK_M)
         if USE_TMA:
-            do = _rows(do_src, start_m, Sq, stride_dom, offs_d, MASKED, False, HEAD_DIM,
-                       BLOCK_D, BLOCK_M, USE_TMA)                           # (BLOCK_M, BLOCK_D)
+            if HAS_GQA:  # 3-D descriptors over the group's heads
+                qT = tl.trans(tl.reshape(q_g.load([g, start_m, 0]), [BLOCK_M, BLOCK_D]))
+                do = tl.reshape(do_g.load([g, start_m, 0]), [BLOCK_M, BLOCK_D])
+            else:
+                qT = _rows(q_g, start_m, Sq, stride_qm, offs_d, MASKED, True, HEAD_DIM,
+                           BLOCK_D, BLOCK_M, USE_TMA)                       # (BLOCK_D, BLOCK_M)
+                do = _rows(do_g, start_m, Sq, stride_dom, offs_d, MASKED, False, HEAD_DIM,
+                           BLOCK_D, BLOCK_M, USE_TMA)                       # (BLOCK_M, BLOCK_D)
         else:
+            qT = _rows(q_g, start_m, Sq, stride_qm, offs_d, MASKED, True, HEAD_DIM, BLOCK_D,
+                       BLOCK_M, USE_TMA)                                    # (BLOCK_D, BLOCK_M)
             # dO's last stride is an argument (an expanded scalar has stride 0 everywhere).
-            do_ptrs = do_src + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
+            do_ptrs = do_g + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dok
             if MASKED:
                 do = tl.load(do_ptrs, mask=m_in[:, None] & d_mask[None, :], other=0.0)
             elif HEAD_DIM == BLOCK_D:
                 do = tl.load(do_ptrs)
             else:
                 do = tl.load(do_ptrs, mask=d_mask[None, :], other=0.0)
-        lse = tl.load(LSEh + offs_m, mask=m_in, other=0.0)
+        lse = tl.load(lse_g + offs_m, mask=m_in, other=0.0)
         # A dead row (lse = -inf) must get p = 0: use +inf so exp2(s - lse) = 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(DELTAh + offs_m, mask=m_in, other=0.0)
+        delta = tl.load(delta_g + offs_m, mask=m_in, other=0.0)
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(SLOPESh + (bh - bh0)).to(tl.float32) * 1.4426950408889634
 
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION)                  # (BLOCK_N, BLOCK_M)
         if HAS_SOFTCAP or HAS_ALIBI:
@@ -573,11 +622,11 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
             # when the head dim is the longer side, else dQ = dS K (BLOCK_M rows).
             if BLOCK_D > BLOCK_M:
                 dqT = tl.dot(tl.trans(k), ds_lo, input_precision=DOT_PRECISION) * softmax_scale
-                tl.atomic_add(DQh + offs_m[None, :] * stride_dqm + offs_d[:, None], dqT,
+                tl.atomic_add(dq_g + offs_m[None, :] * stride_dqm + offs_d[:, None], dqT,
                               mask=m_in[None, :] & d_mask[:, None], sem="relaxed")
             else:
                 dq = tl.dot(tl.trans(ds_lo), k, input_precision=DOT_PRECISION) * softmax_scale
-                tl.atomic_add(DQh + offs_m[:, None] * stride_dqm + offs_d[None, :], dq,
+                tl.atomic_add(dq_g + offs_m[:, None] * stride_dqm + offs_d[None, :], dq,
                               mask=m_in[:, None] & d_mask[None, :], sem="relaxed")
     return dk, dv
 
@@ -643,9 +692,10 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM
                            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                            HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
                            HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                           ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+                           HAS_GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                           USE_TMA: tl.constexpr):
     """dK, dV of one (key tile, batch*kv_head), summed over the GQA group's query heads (no
     atomics for them); with ATOMIC_DQ also the dQ of every query tile it meets, added to the
     fp32 DQ with relaxed atomics. Causal: the first key tiles are seen by the most query
@@ -683,40 +733,44 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(GROUP):  # the GQA group's query heads: dK/dV summed here, no atomics
-        h = hk * GROUP + g
-        bh = b * H + h
-        q_src = _slice_source(Q + b.to(tl.int64) * stride_qz + h.to(tl.int64) * stride_qh, Sq,
-                              stride_qm, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
-        do_src = _slice_source(DO + b.to(tl.int64) * stride_doz + h.to(tl.int64) * stride_doh,
-                               Sq, stride_dom, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
-        dq_h = DQ + b.to(tl.int64) * stride_dqz + h.to(tl.int64) * stride_dqh
-        lse_h = LSE + bh.to(tl.int64) * Sq
-        delta_h = DELTA + bh.to(tl.int64) * Sq
-        slope2 = 0.0
-        if HAS_ALIBI:
-            slope2 = tl.load(SLOPES + h).to(tl.float32) * 1.4426950408889634
-        dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h,
-            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n,
-            offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2, softmax_scale,
-            dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
-            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M,
-            DOT_PRECISION, USE_TMA)
-        dk, dv = _attn_bwd_kv_inner(  # interior: no mask math
-            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h,
-            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n,
-            offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2, softmax_scale,
-            dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW,
-            HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
-            BLOCK_M, DOT_PRECISION, USE_TMA)
-        dk, dv = _attn_bwd_kv_inner(
-            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h,
-            stride_qm, stride_dom, stride_dok, stride_dqm, seed, bh, slope2, offs_n,
-            offs_d, Sq, Sk, window, qk_scale, cap_scale, softcap2, softmax_scale,
-            dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
-            HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M,
-            DOT_PRECISION, USE_TMA)
+    h0 = hk * GROUP  # the group's first query head
+    bh0 = b * H + h0
+    q_base = Q + b.to(tl.int64) * stride_qz + h0.to(tl.int64) * stride_qh
+    do_base = DO + b.to(tl.int64) * stride_doz + h0.to(tl.int64) * stride_doh
+    if HAS_GQA:
+        q_src = _group_source(q_base, GROUP, stride_qh, Sq, stride_qm, HEAD_DIM, BLOCK_D,
+                              BLOCK_M, USE_TMA)
+        do_src = _group_source(do_base, GROUP, stride_doh, Sq, stride_dom, HEAD_DIM, BLOCK_D,
+                               BLOCK_M, USE_TMA)
+    else:
+        q_src = _slice_source(q_base, Sq, stride_qm, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
+        do_src = _slice_source(do_base, Sq, stride_dom, HEAD_DIM, BLOCK_D, BLOCK_M, USE_TMA)
+    dq_h = DQ + b.to(tl.int64) * stride_dqz + h0.to(tl.int64) * stride_dqh
+    lse_h = LSE + bh0.to(tl.int64) * Sq
+    delta_h = DELTA + bh0.to(tl.int64) * Sq
+    slopes_h = SLOPES + h0
+    # Masked leading tiles, the interior (no mask math), masked trailing tiles.
+    dk, dv = _attn_bwd_kv_inner(
+        dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
+        stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
+        seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+        softmax_scale, dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW,
+        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+        BLOCK_M, DOT_PRECISION, USE_TMA)
+    dk, dv = _attn_bwd_kv_inner(
+        dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
+        stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
+        seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+        softmax_scale, dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW,
+        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+        BLOCK_M, DOT_PRECISION, USE_TMA)
+    dk, dv = _attn_bwd_kv_inner(
+        dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
+        stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
+        seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+        softmax_scale, dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW,
+        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+        BLOCK_M, DOT_PRECISION, USE_TMA)
 
     dk = dk * softmax_scale  # d s / d k = scale * q
     tl.store(DK + b.to(tl.int64) * stride_dkz + hk.to(tl.int64) * stride_dkh
@@ -815,9 +869,9 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
               n_heads, n_kv_heads, section, section_kv,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr,
               HAS_KPM: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              USE_TMA: tl.constexpr):
+              HAS_GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """The backward in one launch. LSE/DELTA are (B*H, Sq) contiguous fp32.
 
     Programs [0, cdiv(Sk, BLOCK_N) * B*Hkv) each own a key tile of BLOCK_N keys and stream
@@ -836,7 +890,8 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
             stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
             H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
             n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-            HAS_SOFTCAP, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+            HAS_SOFTCAP, HAS_GQA, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+            USE_TMA)
     else:
         n_kv_programs = tl.cdiv(Sk, BLOCK_N) * n_kv_heads
         if pid < n_kv_programs:
@@ -848,7 +903,8 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
                 stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
                 H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
                 n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-                HAS_SOFTCAP, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+                HAS_SOFTCAP, HAS_GQA, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION,
+                USE_TMA)
         else:
             _attn_bwd_dq_program(
                 pid - n_kv_programs, Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
@@ -1416,11 +1472,11 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
         _ensure_tma_allocator()
         kernel[lambda meta: backward_grid(Sq, Sk, meta["BLOCK_N"], B * Hq, B * Hkv,
                                           deterministic)](
-            *args, **flags, ATOMIC_DQ=not deterministic)
+            *args, **flags, HAS_GQA=Hq != Hkv, ATOMIC_DQ=not deterministic)
     else:
         cfg = get_config("bwd", q.device, q.dtype, d, features, (Sq, Sk))
         _attn_bwd[backward_grid(Sq, Sk, cfg.BLOCK_N, B * Hq, B * Hkv, deterministic)](
-            *args, **flags, ATOMIC_DQ=not deterministic,
+            *args, **flags, HAS_GQA=Hq != Hkv, ATOMIC_DQ=not deterministic,
             **_launch_flags("bwd", cfg, q, do, k, v), **_launch_options(cfg))
     if deterministic:
         return dq, dk, dv
