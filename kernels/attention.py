@@ -516,7 +516,8 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
                        tile_hi, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                        HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
                        HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                       HAS_GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       HAS_GQA: tl.constexpr, WITH_DK: tl.constexpr, WITH_DV: tl.constexpr,
+                       ATOMIC_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Walk query tiles [tile_lo, tile_hi) for one key tile, for each of the GROUP query heads
@@ -526,7 +527,8 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
     nest kept more state live across its inner loops and spilled at d=128 (280-300 B in every
     config tried). Works on transposed (key, query) tiles so P^T and dS^T feed the dK/dV dots
     directly: every chained product has the key tile's BLOCK_N rows (the warps split them,
-    none is computed twice)."""
+    none is computed twice). WITH_DK / WITH_DV: which of the two it accumulates (the other is
+    returned as passed); dQ only with dK."""
     offset = Sk - Sq
     d_mask = offs_d < HEAD_DIM
     n_tiles = tile_hi - tile_lo
@@ -577,7 +579,9 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
         lse = tl.load(lse_g + offs_m, mask=m_in, other=0.0)
         # A dead row (lse = -inf) must get p = 0: use +inf so exp2(s - lse) = 0.
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        delta = tl.load(delta_g + offs_m, mask=m_in, other=0.0)
+        delta = 0.0
+        if WITH_DK:
+            delta = tl.load(delta_g + offs_m, mask=m_in, other=0.0)
         slope2 = 0.0
         if HAS_ALIBI:
             slope2 = tl.load(SLOPESh + (bh - bh0)).to(tl.float32) * 1.4426950408889634
@@ -601,19 +605,22 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
         if HAS_KPM:
             pT = tl.where(key_real[:, None], pT, 0.0)
 
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)       # (dO V^T)^T
         if HAS_DROPOUT:
             keepT = _dropout_keep(seed, bh, offs_m[None, :], offs_n[:, None], Sq, Sk, dropout_p)
-            pdT = tl.where(keepT, pT * drop_scale, 0.0)
-            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
-        else:
+        if WITH_DV:
             pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        if HAS_SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)  # d softcap*tanh(x/softcap) / dx
-        ds_lo = dsT.to(qT.dtype)
-        dk = tl.dot(ds_lo, tl.trans(qT), dk, input_precision=DOT_PRECISION)
+            if HAS_DROPOUT:
+                pdT = tl.where(keepT, pT * drop_scale, 0.0)
+            dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WITH_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)   # (dO V^T)^T
+            if HAS_DROPOUT:
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)  # d softcap*tanh(x/softcap) / dx
+            ds_lo = dsT.to(qT.dtype)
+            dk = tl.dot(ds_lo, tl.trans(qT), dk, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:
             # The partial dQ of these BLOCK_M queries, added with relaxed fp32 reductions: no
             # ordering is needed between them (acq_rel, the default, costs a memory barrier
@@ -692,14 +699,15 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM
                            IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                            HAS_ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
                            HAS_DROPOUT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                           HAS_GQA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                           HAS_GQA: tl.constexpr, WITH_DK: tl.constexpr,
+                           WITH_DV: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                            USE_TMA: tl.constexpr):
-    """dK, dV of one (key tile, batch*kv_head), summed over the GQA group's query heads (no
-    atomics for them); with ATOMIC_DQ also the dQ of every query tile it meets, added to the
-    fp32 DQ with relaxed atomics. Causal: the first key tiles are seen by the most query
-    tiles, so the plain order is already longest-first."""
+    """dK and/or dV (WITH_DK, WITH_DV) of one (key tile, batch*kv_head), summed over the GQA
+    group's query heads (no atomics for them); with ATOMIC_DQ (and dK) also the dQ of every
+    query tile it meets, added to the fp32 DQ with relaxed atomics. Causal: the first key
+    tiles are seen by the most query tiles, so the plain order is already longest-first."""
     pid_n, bhk = _tile_and_head(pid, Sk, n_kv_heads, section_kv, BLOCK_N, False)
     b = bhk // HKV
     hk = bhk % HKV
@@ -755,28 +763,35 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM
         stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
         seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
         softmax_scale, dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW,
-        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
+        HEAD_DIM, BLOCK_D,
         BLOCK_M, DOT_PRECISION, USE_TMA)
     dk, dv = _attn_bwd_kv_inner(
         dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
         stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
         seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
         softmax_scale, dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW,
-        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
+        HEAD_DIM, BLOCK_D,
         BLOCK_M, DOT_PRECISION, USE_TMA)
     dk, dv = _attn_bwd_kv_inner(
         dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
         stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
         seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
         softmax_scale, dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW,
-        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, ATOMIC_DQ, HEAD_DIM, BLOCK_D,
+        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
+        HEAD_DIM, BLOCK_D,
         BLOCK_M, DOT_PRECISION, USE_TMA)
 
-    dk = dk * softmax_scale  # d s / d k = scale * q
-    tl.store(DK + b.to(tl.int64) * stride_dkz + hk.to(tl.int64) * stride_dkh
-             + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvz + hk.to(tl.int64) * stride_dvh
-             + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if WITH_DK:
+        dk = dk * softmax_scale  # d s / d k = scale * q
+        tl.store(DK + b.to(tl.int64) * stride_dkz + hk.to(tl.int64) * stride_dkh
+                 + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
+                 mask=kv_mask)
+    if WITH_DV:
+        tl.store(DV + b.to(tl.int64) * stride_dvz + hk.to(tl.int64) * stride_dvh
+                 + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kv_mask)
 
 
 @triton.jit
@@ -879,33 +894,58 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
     ATOMIC_DQ (deterministic) the programs after them each own a query tile of BLOCK_N queries
     and stream BLOCK_M-key tiles past it, writing dQ with plain stores: the two halves run in
     the same launch and overlap, and the tile roles swap so that both halves' chained
-    products have BLOCK_N rows."""
+    products have BLOCK_N rows.
+
+    Head dims over 128 (BLOCK_D = 256): dK and dV together (2 x BLOCK_N x 256 fp32) do not fit
+    one program's registers at the 64 rows a warpgroup's wgmma needs, so each key tile gets
+    two programs, the first computing dV (products S^T, dV), the second dK and the atomic dQ
+    (S^T, dP^T, dK, dQ^T): one S^T product more than the fused form, in exchange for wgmma on
+    64-row tiles with nothing duplicated and no spilled accumulator."""
     pid = tl.program_id(0)
-    if ATOMIC_DQ:
-        _attn_bwd_dkdv_program(
-            pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
-            stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-            stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
-            stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh, stride_dvn,
-            stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
-            H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
-            n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-            HAS_SOFTCAP, HAS_GQA, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION,
-            USE_TMA)
-    else:
-        n_kv_programs = tl.cdiv(Sk, BLOCK_N) * n_kv_heads
-        if pid < n_kv_programs:
+    SPLIT: tl.constexpr = BLOCK_D > 128
+    n_kv_programs = tl.cdiv(Sk, BLOCK_N) * n_kv_heads
+    role_dv = pid < n_kv_programs  # SPLIT: the first range computes dV ...
+    kv_pid = pid
+    if SPLIT:
+        kv_pid = tl.where(role_dv, pid, pid - n_kv_programs)  # ... the second dK
+        n_kv_programs = 2 * n_kv_programs
+    if pid < n_kv_programs:
+        if SPLIT:
+            if role_dv:
+                _attn_bwd_dkdv_program(
+                    kv_pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+                    stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+                    stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom,
+                    stride_dok, stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh,
+                    stride_dvn, stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
+                    H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p,
+                    drop_scale, n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+                    HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, False, True, False, HEAD_DIM,
+                    BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+            else:
+                _attn_bwd_dkdv_program(
+                    kv_pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+                    stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
+                    stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom,
+                    stride_dok, stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh,
+                    stride_dvn, stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
+                    H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p,
+                    drop_scale, n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
+                    HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, True, False, ATOMIC_DQ,
+                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+        else:
             _attn_bwd_dkdv_program(
-                pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+                kv_pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
                 stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
                 stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
                 stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh, stride_dvn,
                 stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
                 H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
                 n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-                HAS_SOFTCAP, HAS_GQA, False, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION,
-                USE_TMA)
-        else:
+                HAS_SOFTCAP, HAS_GQA, True, True, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M,
+                BLOCK_N, DOT_PRECISION, USE_TMA)
+    else:
+        if not ATOMIC_DQ:
             _attn_bwd_dq_program(
                 pid - n_kv_programs, Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
                 stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
@@ -1035,7 +1075,8 @@ def keep(config, kind: str, head_dim: int, elt_bytes: int,
     or two warpgroups compute the same tile (forward: BLOCK_M; backward: BLOCK_N, both
     halves), and the atomic dQ product (not chained; computed with max(BLOCK_M, BLOCK_D) rows)
     needs 64. TMA and warp specialization need sm_90; warp specialization needs TMA and 4
-    warps (Triton 3.6 compiles it on sm_90a at 4 warps, not 8) and is for the forward only.
+    warps (Triton 3.6 compiles it on sm_90a at 4 warps, not 8) and is for the forward only;
+    the backward with atomic dQ takes TMA only up to d=64 (it spills at d=128).
     `config`: anything with BLOCK_M, BLOCK_N, num_warps, num_stages (and optionally USE_TMA,
     WARP_SPECIALIZE) attributes."""
     bm, bn, warps, stages = config.BLOCK_M, config.BLOCK_N, config.num_warps, config.num_stages
@@ -1048,6 +1089,8 @@ def keep(config, kind: str, head_dim: int, elt_bytes: int,
         return False
     if ws and (not tma or warps != 4 or kind != "fwd"):
         return False
+    if tma and kind == "bwd" and "deterministic" not in features and head_dim > 64:
+        return False  # TMA with atomic dQ at d=128 spilled 44-424 B in every config tried
     d = _block_d(head_dim)
     threads = 32 * warps
     if kind == "fwd":
@@ -1060,19 +1103,15 @@ def keep(config, kind: str, head_dim: int, elt_bytes: int,
         # dK/dV half: streamed Q and dO tiles per stage + resident K, V + the dS^T tile (the
         # dQ half, roles swapped, needs the same).
         smem = stages * 2 * bm * d * elt_bytes + 2 * bn * d * elt_bytes + bm * bn * elt_bytes
-        persistent = 2 * bn * d  # dK, dV
+        # dK, dV; over 128 wide (BLOCK_D = 256) one of them per program (see _attn_bwd).
+        persistent = (1 if d > 128 else 2) * bn * d
         transient = 2 * bm * bn  # S^T, dP^T
         chained_rows = bn
         if hopper and elt_bytes == 2 and "deterministic" not in features and max(bm, d) < 64:
             return False  # the atomic dQ product (max(BLOCK_M, BLOCK_D) rows) would be mma.sync
     else:
         raise ValueError(kind)
-    # d=256 backward: dK and dV alone (2 * BLOCK_N * 256 fp32) need 8 warps at BLOCK_N=64,
-    # and 4 warps at BLOCK_N=32 run mma.sync: there the duplicated products of 64 rows over
-    # two warpgroups are the cheaper evil (every d=256 backward config spills on sm_90a, see
-    # the static table; 32x64 with 8 warps the least).
-    need_rows = 64 if kind == "bwd" and d > 128 else 16 * warps
-    if hopper and elt_bytes == 2 and chained_rows < need_rows:
+    if hopper and elt_bytes == 2 and chained_rows < 16 * warps:
         return False
     if kind == "bwd" and "deterministic" not in features:
         transient += max(bm, d) * min(bm, d)  # the atomic dQ tile
@@ -1193,10 +1232,11 @@ def tiles_x_heads_grid(n_rows: int, block: int, n_heads: int) -> Tuple[int]:
 
 
 def backward_grid(Sq: int, Sk: int, block_n: int, n_heads: int, n_kv_heads: int,
-                  deterministic: bool) -> Tuple[int]:
-    """Grid of `_attn_bwd`: the dK/dV programs (key tiles x batch*kv_heads), then, for the
-    deterministic backward, the dQ programs (query tiles of BLOCK_N rows x batch*heads)."""
-    n = triton.cdiv(Sk, block_n) * n_kv_heads
+                  deterministic: bool, head_dim: int = 128) -> Tuple[int]:
+    """Grid of `_attn_bwd`: the dK/dV programs (key tiles x batch*kv_heads; twice that for head
+    dims over 128, where dV and dK have programs of their own), then, for the deterministic
+    backward, the dQ programs (query tiles of BLOCK_N rows x batch*heads)."""
+    n = triton.cdiv(Sk, block_n) * n_kv_heads * (2 if _block_d(head_dim) > 128 else 1)
     if deterministic:
         n += triton.cdiv(Sq, block_n) * n_heads
     return checked_grid(n)
@@ -1471,11 +1511,11 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                             reset_to_zero=None if deterministic else ["DQ"])
         _ensure_tma_allocator()
         kernel[lambda meta: backward_grid(Sq, Sk, meta["BLOCK_N"], B * Hq, B * Hkv,
-                                          deterministic)](
+                                          deterministic, d)](
             *args, **flags, HAS_GQA=Hq != Hkv, ATOMIC_DQ=not deterministic)
     else:
         cfg = get_config("bwd", q.device, q.dtype, d, features, (Sq, Sk))
-        _attn_bwd[backward_grid(Sq, Sk, cfg.BLOCK_N, B * Hq, B * Hkv, deterministic)](
+        _attn_bwd[backward_grid(Sq, Sk, cfg.BLOCK_N, B * Hq, B * Hkv, deterministic, d)](
             *args, **flags, HAS_GQA=Hq != Hkv, ATOMIC_DQ=not deterministic,
             **_launch_flags("bwd", cfg, q, do, k, v), **_launch_options(cfg))
     if deterministic:

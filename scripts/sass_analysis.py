@@ -292,6 +292,9 @@ def summarize(text: str, threads: int, tile: int) -> dict:
         "sync": count(kernel, SYNC),
         "atomics": count(kernel, ATOMICS),
         "local_memory": count(kernel, SPILLS),
+        # spill traffic that every iteration pays (loops nest: count each instruction once)
+        "local_memory_in_loops": len({i.offset for lp in lps for i in lp.instrs
+                                      if i.base in SPILLS}),
         "loops": [loop_info(lp) for lp in lps],
         "main_loop": None,
     }

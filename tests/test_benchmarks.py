@@ -275,7 +275,8 @@ def test_dw_accumulation_microbenchmark_rows(monkeypatch):
 
 def test_tune_attention_candidates():
     """The list a GPU run times per key: the committed config first, only kept configs, at most
-    `limit`, the TMA form of the committed tiles and a warp-specialized forward among them."""
+    `limit`, the TMA form of the committed tiles (where kept) and a warp-specialized forward
+    among them."""
     from gptfast.kernels import attention as A
     from gptfast.kernels import configs as C
     table = C.load("attention")
@@ -287,7 +288,13 @@ def test_tune_attention_candidates():
         assert 2 <= len(cands) <= 5 and len(set(cands)) == len(cands)
         assert cands[0] == A.Config(**{f: int(committed.kwargs().get(f, 0))
                                        for f in A.Config._fields})
-        assert cands[1] == cands[0]._replace(USE_TMA=1)
+        # The TMA form of the committed tiles next, except for the atomic backward at d=128
+        # (it spills there in every config tried: keep() drops it).
+        tma = cands[0]._replace(USE_TMA=1)
+        if kind == "bwd" and "deterministic" not in feats:
+            assert not any(c.USE_TMA for c in cands)
+        else:
+            assert cands[1] == tma
         assert all(A.keep(c, kind, 128, 2, (9, 0), feats) for c in cands[1:])
         assert any(c.WARP_SPECIALIZE for c in cands) == (kind == "fwd")
 

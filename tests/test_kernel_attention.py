@@ -301,6 +301,18 @@ def test_non_power_of_two_head_dims(d, dtype):
              deterministic=(d == 96) == (dtype == torch.float16))
 
 
+@pytest.mark.parametrize("d", [160, 256])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), BF16])
+def test_wide_heads_split_dk_dv(d, dtype):
+    """Head dims over 128 (BLOCK_D = 256): each key tile gets a dV program and a dK (+ atomic
+    dQ) program. Both backward modes, a GQA group (summed by both), and with dropout, softcap
+    and a window: each role regenerates the same keep bits and masks."""
+    for det in (False, True):
+        run_case(Hq=2, Hkv=1, Sq=33, Sk=45, d=d, dtype=dtype, causal=True, deterministic=det)
+    run_case(Hq=2, Hkv=1, Sq=40, Sk=40, d=d, dtype=dtype, causal=True, window=17,
+             dropout_p=0.2, softcap=5.0, deterministic=d == 160)
+
+
 def test_head_dims_rejected():
     q = torch.randn(1, 1, 8, 20, device=DEVICE)
     with pytest.raises(AssertionError, match="multiple of 8"):

@@ -63,6 +63,14 @@ def test_keep_rules_for_hopper():
     assert not A.keep(A.Config(128, 128, 4, 2, 0, 1), "fwd", 64, 2, H)  # WS without TMA
     assert not A.keep(A.Config(32, 128, 4, 2, 1, 1), "bwd", 64, 2, H)   # no WS backward
     assert not A.keep(A.Config(128, 128, 8, 2, 1), "fwd", 64, 2, A100)  # no TMA before sm_90
+    # TMA with atomic dQ spills at d=128 (static table): deterministic only there.
+    assert A.keep(A.Config(64, 128, 8, 2, 1), "bwd", 64, 2, H)
+    assert not A.keep(A.Config(32, 128, 8, 2, 1), "bwd", 128, 2, H)
+    assert A.keep(A.Config(32, 128, 8, 2, 1), "bwd", 128, 2, H, ("deterministic",))
+    # d=256 backward: one 128x256 accumulator per program (dK and dV split), so 128 key rows
+    # with 8 warps fit; 64 rows with 8 warps would duplicate the chained products.
+    assert A.keep(A.Config(16, 128, 8, 2), "bwd", 256, 2, H)
+    assert not A.keep(A.Config(32, 64, 8, 2), "bwd", 256, 2, H)
     cands = A.candidates("fwd", 128, torch.bfloat16, H, ("causal",))
     assert any(c.USE_TMA for c in cands) and any(c.WARP_SPECIALIZE for c in cands)
     assert all(A.keep(c, "fwd", 128, 2, H) for c in cands)

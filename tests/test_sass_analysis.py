@@ -108,6 +108,27 @@ def test_nested_loops_with_a_branch_inside():
     assert r["atomics"] == {"RED": 1} and r["main_loop"]["atomics"] == {}
 
 
+def test_spills_inside_loops_are_counted_once():
+    """local_memory_in_loops: STL/LDL inside any loop (nested loops share instructions: each
+    counted once); the ones before and between loops are not."""
+    text = listing([
+        "STL [R1], R0",         # parked before the loops
+        ".L_x_0:",              # outer loop
+        "LDL R7, [R1+0x4]",     # in the outer loop only
+        ".L_x_1:",              # inner loop
+        "HMMA.16816.F32.BF16 R4, R8, R12, R4",
+        "LDL R9, [R1+0x8]",
+        "@!P1 BRA `(.L_x_1)",
+        "@!P2 BRA `(.L_x_0)",
+        "LDL R0, [R1]",         # reloaded after them
+        "EXIT",
+    ])
+    r = S.summarize(text, threads=32, tile=16)
+    assert r["local_memory"] == {"STL": 1, "LDL": 3}
+    assert r["local_memory_in_loops"] == 2
+    assert r["main_loop"]["local_memory"] == {"LDL": 1}
+
+
 def test_no_tensor_cores_picks_the_ffma_loop():
     text = listing([
         ".L_x_0:", "FADD R1, R1, R2", "@P0 BRA `(.L_x_0)",
