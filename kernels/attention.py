@@ -533,6 +533,9 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
     d_mask = offs_d < HEAD_DIM
     n_tiles = tile_hi - tile_lo
     n_iter = n_tiles
+    slope2_0 = 0.0  # ALiBi: the first head's slope, the only one without GQA
+    if HAS_ALIBI:
+        slope2_0 = tl.load(SLOPESh).to(tl.float32) * 1.4426950408889634
     if HAS_GQA:
         n_iter = GROUP * n_tiles
     for it in range(0, n_iter):
@@ -582,9 +585,10 @@ def _attn_bwd_kv_inner(dk, dv, k, v, key_real, q_src, do_src, LSEh, DELTAh, DQh,
         delta = 0.0
         if WITH_DK:
             delta = tl.load(delta_g + offs_m, mask=m_in, other=0.0)
-        slope2 = 0.0
+        slope2 = slope2_0
         if HAS_ALIBI:
-            slope2 = tl.load(SLOPESh + (bh - bh0)).to(tl.float32) * 1.4426950408889634
+            if HAS_GQA:
+                slope2 = tl.load(SLOPESh + g).to(tl.float32) * 1.4426950408889634
 
         sT = tl.dot(k, qT, input_precision=DOT_PRECISION)                  # (BLOCK_N, BLOCK_M)
         if HAS_SOFTCAP or HAS_ALIBI:
@@ -757,31 +761,25 @@ def _attn_bwd_dkdv_program(pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM
     lse_h = LSE + bh0.to(tl.int64) * Sq
     delta_h = DELTA + bh0.to(tl.int64) * Sq
     slopes_h = SLOPES + h0
-    # Masked leading tiles, the interior (no mask math), masked trailing tiles.
-    dk, dv = _attn_bwd_kv_inner(
-        dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
-        stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
-        seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
-        softmax_scale, dropout_p, drop_scale, t_lo, full_lo, True, IS_CAUSAL, HAS_WINDOW,
-        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
-        HEAD_DIM, BLOCK_D,
-        BLOCK_M, DOT_PRECISION, USE_TMA)
-    dk, dv = _attn_bwd_kv_inner(
-        dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
-        stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
-        seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
-        softmax_scale, dropout_p, drop_scale, full_lo, full_hi, False, IS_CAUSAL, HAS_WINDOW,
-        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
-        HEAD_DIM, BLOCK_D,
-        BLOCK_M, DOT_PRECISION, USE_TMA)
-    dk, dv = _attn_bwd_kv_inner(
-        dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
-        stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
-        seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
-        softmax_scale, dropout_p, drop_scale, full_hi, t_hi, True, IS_CAUSAL, HAS_WINDOW,
-        HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
-        HEAD_DIM, BLOCK_D,
-        BLOCK_M, DOT_PRECISION, USE_TMA)
+    # Masked leading tiles, the interior (no mask math), masked trailing tiles: the loop is
+    # unrolled when compiled (part is a constant), three tile loops of their own.
+    for part in tl.static_range(3):
+        if part == 0:
+            lo = t_lo
+            hi = full_lo
+        elif part == 1:
+            lo = full_lo
+            hi = full_hi
+        else:
+            lo = full_hi
+            hi = t_hi
+        dk, dv = _attn_bwd_kv_inner(
+            dk, dv, k, v, key_real, q_src, do_src, lse_h, delta_h, dq_h, slopes_h,
+            stride_qh, stride_qm, stride_doh, stride_dom, stride_dok, stride_dqh, stride_dqm,
+            seed, bh0, offs_n, offs_d, GROUP, Sq, Sk, window, qk_scale, cap_scale, softcap2,
+            softmax_scale, dropout_p, drop_scale, lo, hi, part != 1, IS_CAUSAL, HAS_WINDOW,
+            HAS_ALIBI, HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, WITH_DK, WITH_DV, ATOMIC_DQ,
+            HEAD_DIM, BLOCK_D, BLOCK_M, DOT_PRECISION, USE_TMA)
 
     if WITH_DK:
         dk = dk * softmax_scale  # d s / d k = scale * q
