@@ -1182,20 +1182,24 @@ _AUTOTUNED: dict = {}  # (kernel name, ConfigKey, reset_to_zero) -> triton.autot
 
 
 def _autotuned(kernel, kind: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-               features: Tuple[str, ...], lengths: Tuple[int, int], reset_to_zero=None):
+               features: Tuple[str, ...], lengths: Tuple[int, int], reset_to_zero=None,
+               tma_ok: bool = True):
     """triton.autotune over the kept candidates, one tuner per configuration key: a launch
     tunes once per (arch, dtype, head dim, features, Sq/Sk power-of-two bucket), the key the
-    committed table uses (autotuned_entries() turns the results into table entries)."""
+    committed table uses (autotuned_entries() turns the results into table entries).
+    `tma_ok`: whether the launch's tensors can be TMA descriptors (`tma_compatible`); if not,
+    the TMA and warp-specialized candidates are left out, as `_launch_flags` drops them."""
     table = configs.load("attention")
     target = configs.launch_target(device)
     key = table.key(kind, target, dtype, head_dim, features, lengths)
-    cache_key = (kernel.__name__, key, tuple(reset_to_zero or ()))
+    cache_key = (kernel.__name__, key, tuple(reset_to_zero or ()), tma_ok)
     if cache_key not in _AUTOTUNED:
         flags = table.kinds[kind].defaults
         cands = [triton.Config({"BLOCK_M": c.BLOCK_M, "BLOCK_N": c.BLOCK_N,
                                 **{f: bool(getattr(c, f)) for f in flags}},
                                num_warps=c.num_warps, num_stages=c.num_stages)
-                 for c in candidates(kind, head_dim, dtype, target.capability, features)]
+                 for c in candidates(kind, head_dim, dtype, target.capability, features)
+                 if tma_ok or not c.USE_TMA]
         # key=[]: the tuner is already per configuration key, so it tunes on its first launch
         # and never again (Triton would otherwise re-tune for every new value of a key arg).
         _AUTOTUNED[cache_key] = triton.autotune(configs=cands, key=[],
@@ -1429,7 +1433,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, softmax_
     flags["FOLD_SCALE"] = softmax_scale > 0 and alibi_slopes is None and softcap is None
     features = _features(flags)
     if _autotune_enabled(q.device):
-        kernel = _autotuned(_attn_fwd, "fwd", q.device, q.dtype, d, features, (Sq, Sk))
+        kernel = _autotuned(_attn_fwd, "fwd", q.device, q.dtype, d, features, (Sq, Sk),
+                            tma_ok=tma_compatible(q, k, v))
         _ensure_tma_allocator()
         kernel[lambda meta: tiles_x_heads_grid(Sq, meta["BLOCK_M"], B * Hq)](*args, **flags)
     else:
@@ -1506,7 +1511,8 @@ def attention_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     features = _features(flags, deterministic=deterministic, gqa=Hq != Hkv)
     if _autotune_enabled(q.device):
         kernel = _autotuned(_attn_bwd, "bwd", q.device, q.dtype, d, features, (Sq, Sk),
-                            reset_to_zero=None if deterministic else ["DQ"])
+                            reset_to_zero=None if deterministic else ["DQ"],
+                            tma_ok=tma_compatible(q, do, k, v))
         _ensure_tma_allocator()
         kernel[lambda meta: backward_grid(Sq, Sk, meta["BLOCK_N"], B * Hq, B * Hkv,
                                           deterministic, d)](

@@ -453,7 +453,7 @@ def compile_task(task: Tuple[str, int]) -> dict:
             table = configs.load(ln.table.split("_configs")[0])
             best = table.best(ln.key)
             rec["key"] = {"table": ln.table, **ln.key._asdict()}
-            rec["entry"] = {"index": table.entries.index(best[0]),
+            rec["entry"] = {"index": table.entries.index(best[0]), "arch": best[0].arch,
                             "features": list(best[0].features), "why": best[0].why}
         if ln.ptxas_log:
             rec["ptxas"] = _ptxas_usage(ln.ptxas_log)
@@ -511,6 +511,10 @@ def merge(results: List[dict]) -> List[dict]:
         row["spill"] = ([p["spill_store"], p["spill_load"]]
                         if p.get("spill_store") is not None else None)
         row["shared_limit"] = configs.shared_memory_limit(row["arch"].rstrip("a"))
+        if (row.get("entry") or {}).get("arch") == "default":
+            # A `default` entry also serves the GPUs without entries of their own, the
+            # smallest of which (sm_86, sm_89) have 99 KiB: it must fit those too.
+            row["shared_limit"] = min(row["shared_limit"], configs.DEFAULT_SHARED_MEMORY)
     order = {"_attn_fwd": 0, "_attn_bwd_preprocess": 1, "_attn_bwd": 2}
     out.sort(key=lambda r: (list(ARCHS).index(r["arch"]), r["module"], order.get(r["kernel"], 9),
                             r["kernel"], r["dtype"], r["constexprs"].get("HEAD_DIM", 0),
@@ -725,7 +729,11 @@ def render_md(meta: dict, rows: List[dict], problems: List[str]) -> str:
         arch_rows = [r for r in rows if r["arch"] == arch]
         if not arch_rows:
             continue
-        L += [f"## {arch} (shared memory limit {arch_rows[0]['shared_limit']} B)", ""]
+        limit = configs.shared_memory_limit(arch.rstrip("a"))
+        L += [f"## {arch} (shared memory limit {limit} B"
+              + (f"; {configs.DEFAULT_SHARED_MEMORY} B for configs from `default` entries, "
+                 "which sm_86/sm_89 take too)" if limit > configs.DEFAULT_SHARED_MEMORY else ")"),
+              ""]
         for module in MODULES:
             mod_rows = [r for r in arch_rows if r["module"] == module]
             if mod_rows:

@@ -229,7 +229,8 @@ def test_launchers_look_up_their_key():
 
 def test_autotuner_is_keyed_like_the_tables():
     """One triton.autotune per configuration key: a new Sk in the same bucket reuses it, a new
-    bucket or feature set gets its own; candidates are the kept configs."""
+    bucket or feature set gets its own; candidates are the kept configs (no TMA ones where the
+    tensors cannot be descriptors)."""
     A._AUTOTUNED.clear()
     try:
         with C.compile_target(H100):
@@ -245,6 +246,13 @@ def test_autotuner_is_keyed_like_the_tables():
                                        c.kwargs["WARP_SPECIALIZE"]), "fwd", 128, 2, (9, 0))
                        for c in a.configs)
             assert len(a.configs) > 10
+            assert any(c.kwargs["USE_TMA"] for c in a.configs)
+            # Tensors TMA cannot describe: a tuner of its own, without the TMA candidates.
+            no_tma = A._autotuned(A._attn_fwd, "fwd", META, torch.bfloat16, 128, ("causal",),
+                                  (1, 4097), tma_ok=False)
+            assert no_tma is not a and no_tma.configs
+            assert not any(c.kwargs["USE_TMA"] or c.kwargs["WARP_SPECIALIZE"]
+                           for c in no_tma.configs)
     finally:
         A._AUTOTUNED.clear()
 

@@ -155,6 +155,9 @@ def test_committed_tables(version):
     spilling = {_spill_key(r) for r in rows if r["spill"] is None or any(r["spill"])}
     assert spilling <= KNOWN_SPILLS.get(version, set()), spilling - KNOWN_SPILLS.get(version, set())
     assert not {k for k in spilling if k[0] == "sm_90a" and k[3] in (64, 128)}
+    for r in rows:  # `default` entries serve sm_86/sm_89 too: 99 KiB
+        if (r["entry"] or {}).get("arch") == "default":
+            assert r["shared"] <= 99 * 1024 and r["shared_limit"] <= 99 * 1024, r["kernel"]
     assert (STATIC / f"triton-{version}.md").read_text().startswith(f"# Static kernel table: Triton {version}")
 
 
@@ -166,6 +169,31 @@ def _row(**kw):
                                                    "tensor_core_kind": "wgmma"}}
     row.update(kw)
     return row
+
+
+def test_default_entries_must_fit_the_smallest_gpu():
+    """A config from a `default` entry also runs on sm_86/sm_89 (99 KiB of shared memory): its
+    sm_80 row is judged against 99 KiB, not sm_80's 163 KiB; an sm_80-only entry would not be."""
+    import static_table as T
+    rec = {"kernel": "_attn_bwd", "hash": "h", "constexprs": {"HEAD_DIM": 256, "BLOCK_D": 256},
+           "num_warps": 8, "num_stages": 2, "shared": 123008, "seconds": 1.0,
+           "specialization": {}, "key": {"dtype": "bf16", "features": ["causal"]},
+           "entry": {"index": 0, "arch": "default", "features": [], "why": ""},
+           "ptxas": {"registers": 200, "spill_store": 0, "spill_load": 0, "stack": 0},
+           "sass": {"tensor_core": {}, "main_loop": None}, "has_dot": True}
+    sc = T.Scenario("attention", "bf16", "B=2 H=16 S=4096 d=256", ("causal",), False, lambda: None)
+    saved = T._SCENARIOS[:]
+    T._SCENARIOS[:] = [sc]
+    try:
+        res = {"arch": "sm_80", "scenario": 0, "error": None, "launches": [rec]}
+        (row,) = T.merge([res])
+        assert row["shared_limit"] == 99 * 1024
+        assert any("shared memory" in p for p in T.judge([row], [], strict=False))
+        rec["entry"]["arch"] = "sm_80"
+        (row,) = T.merge([dict(res, launches=[rec])])
+        assert row["shared_limit"] == 163 * 1024 and T.judge([row], [], strict=False) == []
+    finally:
+        T._SCENARIOS[:] = saved
 
 
 def test_gate_rules():
