@@ -900,52 +900,30 @@ def _attn_bwd(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
     (S^T, dP^T, dK, dQ^T): one S^T product more than the fused form, in exchange for wgmma on
     64-row tiles with nothing duplicated and no spilled accumulator."""
     pid = tl.program_id(0)
-    SPLIT: tl.constexpr = BLOCK_D > 128
     n_kv_programs = tl.cdiv(Sk, BLOCK_N) * n_kv_heads
-    role_dv = pid < n_kv_programs  # SPLIT: the first range computes dV ...
-    kv_pid = pid
-    if SPLIT:
-        kv_pid = tl.where(role_dv, pid, pid - n_kv_programs)  # ... the second dK
-        n_kv_programs = 2 * n_kv_programs
-    if pid < n_kv_programs:
-        if SPLIT:
-            if role_dv:
-                _attn_bwd_dkdv_program(
-                    kv_pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
-                    stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-                    stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom,
-                    stride_dok, stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh,
-                    stride_dvn, stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
-                    H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p,
-                    drop_scale, n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
-                    HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, False, True, False, HEAD_DIM,
-                    BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
-            else:
-                _attn_bwd_dkdv_program(
-                    kv_pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
-                    stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
-                    stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom,
-                    stride_dok, stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh,
-                    stride_dvn, stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
-                    H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p,
-                    drop_scale, n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI,
-                    HAS_KPM, HAS_DROPOUT, HAS_SOFTCAP, HAS_GQA, True, False, ATOMIC_DQ,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
-        else:
+    N_ROLES: tl.constexpr = 2 if BLOCK_D > 128 else 1
+    # The dK/dV range: one role (dK and dV together), or over 128 wide two (dV programs, then
+    # dK programs, which also do the atomic dQ). Unrolled when compiled: a branch per role.
+    # (role is a constant in each copy: role == 0 computes dV, the last role dK.)
+    for role in tl.static_range(N_ROLES):
+        first = role * n_kv_programs
+        if (pid >= first) & (pid < first + n_kv_programs):
             _attn_bwd_dkdv_program(
-                kv_pid, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
+                pid - first, Q, K, V, DO, LSE, DELTA, DK, DV, DQ, SLOPES, KPM, SEED,
                 stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
                 stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
                 stride_dkz, stride_dkh, stride_dkn, stride_dvz, stride_dvh, stride_dvn,
                 stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
                 H, HKV, GROUP, Sq, Sk, window, softmax_scale, softcap, dropout_p, drop_scale,
                 n_kv_heads, section_kv, IS_CAUSAL, HAS_WINDOW, HAS_ALIBI, HAS_KPM, HAS_DROPOUT,
-                HAS_SOFTCAP, HAS_GQA, True, True, ATOMIC_DQ, HEAD_DIM, BLOCK_D, BLOCK_M,
-                BLOCK_N, DOT_PRECISION, USE_TMA)
-    else:
-        if not ATOMIC_DQ:
+                HAS_SOFTCAP, HAS_GQA, role == N_ROLES - 1, role == 0,
+                ATOMIC_DQ and role == N_ROLES - 1, HEAD_DIM, BLOCK_D,
+                BLOCK_M, BLOCK_N, DOT_PRECISION, USE_TMA)
+    if not ATOMIC_DQ:
+        first_dq = N_ROLES * n_kv_programs
+        if pid >= first_dq:
             _attn_bwd_dq_program(
-                pid - n_kv_programs, Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
+                pid - first_dq, Q, K, V, DO, LSE, DELTA, DQ, SLOPES, KPM, SEED,
                 stride_qz, stride_qh, stride_qm, stride_kz, stride_kh, stride_kn,
                 stride_vz, stride_vh, stride_vn, stride_doz, stride_doh, stride_dom, stride_dok,
                 stride_dqz, stride_dqh, stride_dqm, stride_kpmz, stride_kpmn,
