@@ -85,7 +85,6 @@ _SPILLS_BOTH = {
     ('sm_80', '_attn_bwd', 'bf16', 96, 'causal'),
     ('sm_80', '_attn_bwd', 'bf16', 128, 'alibi+causal+deterministic+dropout+kpm+softcap+window'),
     ('sm_80', '_attn_bwd', 'bf16', 128, 'alibi+causal+dropout+kpm+softcap+window'),
-    ('sm_80', '_attn_bwd', 'bf16', 256, 'alibi+causal+deterministic+dropout+kpm+softcap+window'),
     ('sm_80', '_attn_bwd', 'bf16', 256, 'alibi+causal+dropout+kpm+softcap+window'),
     ('sm_80', '_attn_bwd', 'bf16', 256, 'causal'),
 }
